@@ -1,0 +1,162 @@
+//! Builds the whole server from [`Settings`] and a bound listener, runs it until
+//! the shutdown future resolves, then drains in order: stop accepting, close every
+//! WebSocket with 1012, let in-flight HTTP requests finish, return. HTTP
+//! connections and WebSocket sessions are both tracked by [`Shutdown`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::Authenticator;
+use crate::config::{ConfigError, Settings};
+use crate::hub::session::SessionConfig;
+use crate::hub::{Hub, Limits};
+use crate::metrics::Metrics;
+use crate::routes::{self, PeerAddr, Shared};
+use crate::shutdown::Shutdown;
+
+/// Pending connections the kernel keeps for us. warp's `run` uses 128, which made
+/// bursts of handshakes stall for a second on SYN retransmits.
+const LISTEN_BACKLOG: u32 = 4096;
+/// Read buffer of each WebSocket: client frames are small (ping, refresh); larger
+/// ones grow it for their own duration only.
+const WS_READ_BUFFER: usize = 512;
+/// Frames queued for a socket are gathered up to this size before a write.
+const WS_WRITE_BUFFER: usize = 64 * 1024;
+/// A client must send its request headers within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds `addr` with a large accept backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Serves on `listener` until `stop` resolves, then drains within
+/// `settings.shutdown_timeout`.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let auth = Arc::new(Authenticator::new(&settings)?);
+    let metrics = Arc::new(Metrics::new());
+    let hub = Hub::new(
+        Limits {
+            history_size: settings.history_size,
+            send_queue: settings.send_queue,
+            max_connections: settings.max_connections,
+            max_connections_per_user: settings.max_connections_per_user,
+        },
+        metrics,
+    );
+    let shutdown = Shutdown::new();
+    let sessions = Arc::new(SessionConfig {
+        hub: hub.clone(),
+        auth: auth.clone(),
+        shutdown: shutdown.clone(),
+        ping_interval: settings.ping_interval,
+        idle_timeout: settings.idle_timeout,
+        heartbeat: settings.heartbeat,
+        leeway: settings.jwt_leeway,
+        frame_rate: settings.client_frame_rate,
+        frame_burst: settings.client_frame_burst,
+    });
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_message_size(Some(settings.max_message_bytes))
+        .max_frame_size(Some(settings.max_message_bytes));
+    let shared = Arc::new(Shared {
+        hub,
+        auth,
+        sessions,
+        ws_config,
+        max_message_bytes: settings.max_message_bytes,
+        allowed_origins: settings.allowed_origins.clone(),
+        metrics_token: settings.metrics_token.clone(),
+        node: node_name(),
+    });
+    let service = warp::service(routes::all(shared));
+
+    let mut stop = std::pin::pin!(stop);
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let handler = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(PeerAddr(peer));
+            hyper::service::Service::call(&TowerToHyperService::new(service.clone()), request)
+        });
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), handler)
+            .with_upgrades();
+        let stopping = shutdown.triggered_owned();
+        shutdown.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stopping => {
+                    // Finish the request in flight, then close instead of keeping alive.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    tracing::info!("draining: closing WebSockets with 1012");
+    shutdown.trigger();
+    let deadline = settings.shutdown_timeout;
+    if !shutdown.wait_drained(deadline).await {
+        tracing::warn!("drain did not finish within {deadline:?}; exiting anyway");
+    } else {
+        tracing::info!("drained");
+    }
+    Ok(())
+}
+
+/// fly.io names each machine; elsewhere the host name will do.
+fn node_name() -> String {
+    std::env::var("FLY_MACHINE_ID")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| "local".to_owned())
+}

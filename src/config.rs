@@ -1,0 +1,363 @@
+//! Command line and environment -> validated [`Settings`].
+//!
+//! Every flag has an environment variable (clap `env`) so the same binary is
+//! configured the same way on a laptop, in Docker and on fly.io. Parsing ends in
+//! plain types; nothing downstream re-reads the environment.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench::BenchArgs;
+
+/// `agentcast`: real-time updates for an agent/task platform.
+#[derive(Debug, Parser)]
+#[command(name = "agentcast", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Settings for `serve`, also accepted without the subcommand name.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Mint a token signed with the configured secret.
+    Token(TokenArgs),
+    /// Load tool: many authenticated connections, fan-out and latency figures.
+    Bench(BenchArgs),
+}
+
+/// Flags of `agentcast serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Folder for state (the generated JWT secret; the store in later versions).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// HS256 secret for tokens. Unset: generated once and kept in DATA_DIR/jwt_secret.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key of an external identity provider whose RS256/ES256 tokens are accepted too.
+    #[arg(long, env = "JWT_PUBLIC_KEY", hide_env_values = true)]
+    pub jwt_public_key: Option<String>,
+
+    /// Largest accepted publish body or client frame, in bytes.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Outbound queue per connection, in messages; overflow closes it with 4503.
+    #[arg(long, env = "SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+
+    /// Messages kept per tenant for resume.
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 10_000)]
+    pub history_size: usize,
+
+    /// Period of server Ping frames (seconds, or with a unit: 30s, 2m).
+    #[arg(long, env = "PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A connection silent this long is closed with 4408.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Open WebSocket connections allowed in total (beyond: 4429).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Open WebSocket connections allowed per user (beyond: 4429).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 20)]
+    pub max_connections_per_user: usize,
+
+    /// Comma-separated origins allowed to connect; unset allows any.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+
+    /// How long a SIGTERM drain may take before the process exits anyway.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Bearer token required by /metrics; unset leaves it open.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+}
+
+/// Flags of `agentcast token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// User id (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Role claim.
+    #[arg(long, value_enum, default_value = "user")]
+    pub role: crate::auth::Role,
+    /// Tenant claim.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Display name claim.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Lifetime (seconds, or with a unit: 12h).
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Folder holding the generated secret when JWT_SECRET is unset.
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// HS256 secret; unset reads DATA_DIR/jwt_secret.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// A secret that never shows up in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Validated server settings. Tests build one with [`Settings::for_tests`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub jwt_secret: Secret,
+    pub jwt_public_key: Option<String>,
+    /// Clock skew allowed on `exp`; 30 s in production, 0 in tests that watch expiry.
+    pub jwt_leeway: Duration,
+    pub max_message_bytes: usize,
+    pub send_queue: usize,
+    pub history_size: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    /// Sustained client frames per second, and the burst allowed above it.
+    pub client_frame_rate: f64,
+    pub client_frame_burst: f64,
+    pub allowed_origins: Option<Vec<String>>,
+    pub shutdown_timeout: Duration,
+    pub metrics_token: Option<Secret>,
+    /// Period the client is told to ping at (`heartbeat_s` of the `connected` frame).
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot use data folder {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Settings {
+    /// Validates flags, creating the data folder and the JWT secret file if needed.
+    pub fn from_args(args: ServeArgs) -> Result<Settings, ConfigError> {
+        let jwt_secret = resolve_secret(args.jwt_secret, &args.data_dir)?;
+        let settings = Settings {
+            bind: args.bind,
+            port: args.port,
+            data_dir: args.data_dir,
+            jwt_secret,
+            jwt_public_key: args.jwt_public_key,
+            jwt_leeway: Duration::from_secs(30),
+            max_message_bytes: args.max_message_bytes,
+            send_queue: args.send_queue,
+            history_size: args.history_size,
+            ping_interval: args.ping_interval,
+            idle_timeout: args.idle_timeout,
+            max_connections: args.max_connections,
+            max_connections_per_user: args.max_connections_per_user,
+            client_frame_rate: 10.0,
+            client_frame_burst: 50.0,
+            allowed_origins: args.allowed_origins.map(|origins| {
+                origins
+                    .into_iter()
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            }),
+            shutdown_timeout: args.shutdown_timeout,
+            metrics_token: args.metrics_token.filter(|t| !t.is_empty()).map(Secret),
+            heartbeat: Duration::from_secs(25),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Defaults suited to tests: loopback, port 0, a fixed secret, no leeway.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Settings {
+        Settings {
+            bind: IpAddr::from([127, 0, 0, 1]),
+            port: 0,
+            data_dir: data_dir.into(),
+            jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
+            jwt_public_key: None,
+            jwt_leeway: Duration::ZERO,
+            max_message_bytes: 64 * 1024,
+            send_queue: 1024,
+            history_size: 10_000,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 100_000,
+            max_connections_per_user: 20,
+            client_frame_rate: 10.0,
+            client_frame_burst: 50.0,
+            allowed_origins: None,
+            shutdown_timeout: Duration::from_secs(10),
+            metrics_token: None,
+            heartbeat: Duration::from_secs(25),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(what.to_owned()))
+            }
+        };
+        check(self.jwt_secret.expose().len() >= 16, "JWT_SECRET must be at least 16 bytes")?;
+        check(self.max_message_bytes >= 256, "MAX_MESSAGE_BYTES must be at least 256")?;
+        check(self.max_message_bytes <= 16 << 20, "MAX_MESSAGE_BYTES must be at most 16 MiB")?;
+        check(self.send_queue >= 1, "SEND_QUEUE must be at least 1")?;
+        check(self.history_size >= 1, "HISTORY_SIZE must be at least 1")?;
+        check(!self.ping_interval.is_zero(), "PING_INTERVAL must be above 0")?;
+        check(
+            self.idle_timeout > self.ping_interval,
+            "IDLE_TIMEOUT must be longer than PING_INTERVAL",
+        )?;
+        check(self.max_connections >= 1, "MAX_CONNECTIONS must be at least 1")?;
+        check(self.max_connections_per_user >= 1, "MAX_CONNECTIONS_PER_USER must be at least 1")?;
+        Ok(())
+    }
+}
+
+/// Uses the given secret, or the one kept in `data_dir/jwt_secret`, creating it
+/// (mode 0600) on first start so tokens survive restarts.
+pub fn resolve_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, ConfigError> {
+    if let Some(secret) = given.filter(|s| !s.is_empty()) {
+        return Ok(Secret(secret));
+    }
+    let data_err = |source| ConfigError::DataDir { path: data_dir.to_owned(), source };
+    std::fs::create_dir_all(data_dir).map_err(data_err)?;
+    let path = data_dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if secret.trim().len() >= 16 => return Ok(Secret(secret.trim().to_owned())),
+        Ok(_) => {
+            return Err(ConfigError::Invalid(format!(
+                "{} is shorter than 16 bytes",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(data_err(e)),
+    }
+    let secret = crate::auth::random_token(48);
+    write_private(&path, &secret).map_err(data_err)?;
+    Ok(Secret(secret))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents.as_bytes())
+}
+
+/// Parses `30`, `30s`, `500ms`, `2m`, `1h` or `1d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("invalid duration '{text}'"))?;
+    let unit_ms: u64 = match unit.trim() {
+        "" | "s" => 1000,
+        "ms" => 1,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("invalid duration unit in '{text}' (use ms, s, m, h or d)")),
+    };
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration '{text}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_plain_seconds_and_units() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn secret_is_generated_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("agentcast-cfg-{}", uuid::Uuid::new_v4()));
+        let first = resolve_secret(None, &dir).unwrap();
+        let second = resolve_secret(None, &dir).unwrap();
+        assert_eq!(first, second);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("jwt_secret")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(!format!("{first:?}").contains(first.expose()));
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

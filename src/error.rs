@@ -1,0 +1,145 @@
+//! [`ApiError`] and the one place that turns it, or any warp rejection, into
+//! `{"error":{"code","message"}}` with the right status (SPEC §3).
+//!
+//! Client errors carry their text; internal errors are logged once here and
+//! answered with a bare 500, so no detail of them reaches a client.
+
+use std::convert::Infallible;
+
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use crate::auth::AuthError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    /// Valid JSON that breaks the rules; the message names the field.
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("this path is a WebSocket endpoint: send an Upgrade request")]
+    UpgradeRequired,
+    #[error("too many requests")]
+    TooManyRequests { retry_after_s: u64 },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Unprocessable(_) => "validation_failed",
+            ApiError::UpgradeRequired => "upgrade_required",
+            ApiError::TooManyRequests { .. } => "rate_limited",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn into_response(self) -> Response {
+        let message = match &self {
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal server error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = json!({"error": {"code": self.code(), "message": message}});
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
+        if let ApiError::TooManyRequests { retry_after_s } = self {
+            response.headers_mut().insert(
+                warp::http::header::RETRY_AFTER,
+                warp::http::HeaderValue::from(retry_after_s.max(1)),
+            );
+        }
+        response
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        ApiError::into_response(self)
+    }
+}
+
+/// The `recover` of the whole route tree: every rejection becomes the JSON error.
+pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    Ok(from_rejection(&rejection).into_response())
+}
+
+fn from_rejection(rejection: &Rejection) -> ApiError {
+    use warp::reject;
+    if let Some(error) = rejection.find::<ApiError>() {
+        return error.clone();
+    }
+    if rejection.is_not_found() {
+        return ApiError::NotFound;
+    }
+    if rejection.find::<reject::MethodNotAllowed>().is_some() {
+        return ApiError::MethodNotAllowed;
+    }
+    if let Some(e) = rejection.find::<reject::InvalidQuery>() {
+        return ApiError::BadRequest(format!("invalid query string: {e}"));
+    }
+    if let Some(e) = rejection.find::<reject::MissingHeader>() {
+        return ApiError::BadRequest(e.to_string());
+    }
+    if let Some(e) = rejection.find::<reject::InvalidHeader>() {
+        return ApiError::BadRequest(e.to_string());
+    }
+    if rejection.find::<reject::LengthRequired>().is_some() {
+        return ApiError::BadRequest("a Content-Length header is required".to_owned());
+    }
+    if rejection.find::<reject::PayloadTooLarge>().is_some() {
+        return ApiError::BadRequest("body is too large".to_owned());
+    }
+    if rejection.find::<reject::UnsupportedMediaType>().is_some() {
+        return ApiError::UnsupportedMediaType;
+    }
+    ApiError::Internal(format!("unhandled rejection: {rejection:?}"))
+}
+

@@ -1,0 +1,110 @@
+//! What travels on the socket: the serialized-once [`Envelope`] of a published
+//! message, the server's own frames, and the client frames it understands.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Who a published message is for, inside its tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Broadcast,
+    User(Box<str>),
+}
+
+impl Target {
+    pub fn addresses(&self, user: &str) -> bool {
+        match self {
+            Target::Broadcast => true,
+            Target::User(id) => &**id == user,
+        }
+    }
+}
+
+/// A published message, serialized once: every connection it reaches gets a
+/// clone of the same bytes (a reference count, not a copy).
+#[derive(Debug)]
+pub struct Envelope {
+    pub seq: u64,
+    pub target: Target,
+    pub text: Utf8Bytes,
+    /// When the publish was accepted, for the delivery-latency histogram.
+    pub published_at: Instant,
+}
+
+/// The JSON shape of a delivered message (SPEC §4.2).
+#[derive(Serialize)]
+struct Wire<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    data: &'a Value,
+    id: &'a str,
+    seq: u64,
+    ts: &'a str,
+}
+
+impl Envelope {
+    pub fn encode(kind: &str, data: &Value, id: &str, seq: u64, ts: &str, target: Target) -> Self {
+        let wire = Wire { kind, data, id, seq, ts };
+        let text = serde_json::to_string(&wire).expect("JSON values and plain strings always serialize");
+        Envelope { seq, target, text: Utf8Bytes::from(text), published_at: Instant::now() }
+    }
+}
+
+/// A frame the server itself sends: `{"type": .., "data": ..}`.
+pub fn control(kind: &str, data: Value) -> Utf8Bytes {
+    Utf8Bytes::from(serde_json::json!({"type": kind, "data": data}).to_string())
+}
+
+pub fn error_frame(code: &str, message: &str) -> Utf8Bytes {
+    control("error", serde_json::json!({"code": code, "message": message}))
+}
+
+/// Types the server sends on its own; nobody may publish them.
+pub const RESERVED_TYPES: [&str; 5] = ["connected", "pong", "replay", "refreshed", "error"];
+
+/// A frame from the client, parsed just enough to dispatch on `type`.
+#[derive(Debug, Deserialize)]
+pub struct ClientFrame {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// Now as RFC 3339 UTC with milliseconds, e.g. `2026-11-22T10:00:00.123Z`.
+pub fn timestamp() -> String {
+    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_has_the_fixed_fields() {
+        let data = serde_json::json!({"task_id": "t1"});
+        let env = Envelope::encode("task_update", &data, "id-1", 7, "2026-01-01T00:00:00.000Z", Target::Broadcast);
+        let parsed: Value = serde_json::from_str(env.text.as_str()).unwrap();
+        assert_eq!(parsed["type"], "task_update");
+        assert_eq!(parsed["data"]["task_id"], "t1");
+        assert_eq!(parsed["id"], "id-1");
+        assert_eq!(parsed["seq"], 7);
+        assert_eq!(parsed["ts"], "2026-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn timestamp_is_rfc3339_millis_utc() {
+        let ts = timestamp();
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(ts.ends_with('Z'));
+        assert!(time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339).is_ok());
+    }
+}

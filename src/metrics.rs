@@ -1,0 +1,87 @@
+//! Counters, gauges and histograms: one set, read by `/api/v1/ws/stats` as JSON
+//! and by `/metrics` in the Prometheus text format.
+
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Clone-able handles share the same atomics; [`Metrics`] is created once.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    started: Instant,
+    /// WebSocket connections ever accepted (authenticated and registered).
+    pub connections_total: Counter<u64, AtomicU64>,
+    /// WebSocket connections open now.
+    pub connections_current: Gauge,
+    /// Text frames written to clients.
+    pub messages_sent: Counter<u64, AtomicU64>,
+    /// Messages accepted by the publish endpoints.
+    pub messages_published: Counter<u64, AtomicU64>,
+    /// Frames sent from history to resuming clients.
+    pub messages_replayed: Counter<u64, AtomicU64>,
+    /// Connections closed with 4503 because their queue overflowed.
+    pub slow_consumer_disconnects: Counter<u64, AtomicU64>,
+    /// Refused credentials, HTTP and WebSocket.
+    pub auth_failures: Counter<u64, AtomicU64>,
+    /// Connections closed with 4429 (connection limits or frame flood).
+    pub rate_limited: Counter<u64, AtomicU64>,
+    /// From request to 202, in seconds.
+    pub publish_duration: Histogram,
+    /// From accepted publish to the frame written to a socket, in seconds.
+    pub delivery_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            started: Instant::now(),
+            connections_total: Counter::default(),
+            connections_current: Gauge::default(),
+            messages_sent: Counter::default(),
+            messages_published: Counter::default(),
+            messages_replayed: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            auth_failures: Counter::default(),
+            rate_limited: Counter::default(),
+            // 10 µs .. ~5 s
+            publish_duration: Histogram::new(exponential_buckets(0.000_01, 2.5, 15)),
+            delivery_latency: Histogram::new(exponential_buckets(0.000_01, 2.5, 15)),
+            registry: Registry::default(),
+        };
+        registry.register("agentcast_connections", "WebSocket connections accepted", m.connections_total.clone());
+        registry.register("agentcast_current_connections", "WebSocket connections open now", m.connections_current.clone());
+        registry.register("agentcast_messages_sent", "Frames delivered to clients", m.messages_sent.clone());
+        registry.register("agentcast_messages_published", "Messages accepted for publishing", m.messages_published.clone());
+        registry.register("agentcast_messages_replayed", "Frames replayed from history on resume", m.messages_replayed.clone());
+        registry.register("agentcast_slow_consumer_disconnects", "Connections closed 4503 on queue overflow", m.slow_consumer_disconnects.clone());
+        registry.register("agentcast_auth_failures", "Refused credentials", m.auth_failures.clone());
+        registry.register("agentcast_rate_limited", "Connections closed 4429", m.rate_limited.clone());
+        registry.register("agentcast_publish_duration_seconds", "Publish request to 202", m.publish_duration.clone());
+        registry.register("agentcast_delivery_latency_seconds", "Accepted publish to frame written to the socket", m.delivery_latency.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The Prometheus text exposition of everything above.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

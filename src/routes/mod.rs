@@ -1,0 +1,54 @@
+//! warp filters: one small function per endpoint, composed in [`all`], with one
+//! `recover` that turns every rejection into the JSON error of SPEC §3.
+
+mod ops;
+mod publish;
+mod ws;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use warp::{Filter, Reply};
+
+use crate::auth::Authenticator;
+use crate::config::Secret;
+use crate::hub::session::SessionConfig;
+use crate::hub::Hub;
+
+/// What the handlers share; built once in [`crate::app`].
+#[derive(Debug)]
+pub struct Shared {
+    pub hub: Hub,
+    pub auth: Arc<Authenticator>,
+    pub sessions: Arc<SessionConfig>,
+    /// tungstenite settings of every upgraded socket (small buffers, frame limit).
+    pub ws_config: WebSocketConfig,
+    pub max_message_bytes: usize,
+    pub allowed_origins: Option<Vec<String>>,
+    pub metrics_token: Option<Secret>,
+    /// This node's name in stats (fly.io machine id, or the host name).
+    pub node: String,
+}
+
+/// The peer address of the TCP connection, put into each request by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Every route, with JSON errors.
+pub fn all(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    ops::health(shared.clone())
+        .or(ops::stats(shared.clone()))
+        .or(ops::metrics(shared.clone()))
+        .or(ws::ws_connect(shared.clone()))
+        .or(publish::broadcast_publish(shared.clone()))
+        .or(publish::user_publish(shared.clone()))
+        .or(publish::user_presence(shared))
+        .recover(crate::error::recover)
+        .with(warp::reply::with::header("x-content-type-options", "nosniff"))
+}
+
+fn with_shared(shared: Arc<Shared>) -> impl Filter<Extract = (Arc<Shared>,), Error = Infallible> + Clone {
+    warp::any().map(move || shared.clone())
+}

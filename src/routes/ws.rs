@@ -1,0 +1,180 @@
+//! GET /api/v1/ws/connect: the WebSocket handshake, finished by hand.
+//!
+//! warp's `Ws` gives every socket tungstenite's default 128 KiB read buffer,
+//! zero-filled before each read; that alone is ~130 KiB per idle connection. So
+//! we answer the handshake ourselves, take the raw `TcpStream` back from hyper
+//! after the 101, and build the WebSocket with our own small buffers.
+//!
+//! A bad token still completes the upgrade (answering the `token` subprotocol, or
+//! a browser would fail the handshake) and is then closed with 4401, so a page
+//! can tell "log in again" from "server down".
+
+use std::sync::Arc;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
+use warp::{Filter, Rejection, Reply};
+
+use super::{with_shared, Shared};
+use crate::auth::{AuthError, Claims};
+use crate::error::ApiError;
+use crate::hub::session::{self, close, Resume};
+
+/// Query parameters of the connect URL.
+#[derive(Debug, Default, Deserialize)]
+struct ConnectQuery {
+    token: Option<String>,
+    since: Option<String>,
+    epoch: Option<String>,
+}
+
+/// The outcome of checking a handshake, decided before the 101 is sent.
+enum Admission {
+    Accept(Claims, Option<Resume>),
+    Refuse(u16, &'static str),
+}
+
+/// GET /api/v1/ws/connect
+pub fn ws_connect(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api" / "v1" / "ws" / "connect")
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::<ConnectQuery>().or(warp::any().map(ConnectQuery::default)).unify())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .and(with_shared(shared))
+        .and_then(|headers: HeaderMap, query: ConnectQuery, upgrade: Option<OnUpgrade>, shared: Arc<Shared>| async move {
+            handshake(&headers, query, upgrade, shared).map_err(warp::reject::custom)
+        })
+}
+
+fn handshake(
+    headers: &HeaderMap,
+    query: ConnectQuery,
+    upgrade: Option<OnUpgrade>,
+    shared: Arc<Shared>,
+) -> Result<warp::reply::Response, ApiError> {
+    let wants_websocket = header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket");
+    if !wants_websocket {
+        return Err(ApiError::UpgradeRequired);
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return Err(ApiError::BadRequest("Sec-WebSocket-Version must be 13".into()));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| ApiError::BadRequest("missing Sec-WebSocket-Key".into()))?;
+    let upgrade = upgrade.ok_or_else(|| ApiError::Internal("connection cannot be upgraded".into()))?;
+
+    let protocols: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let offered_token_protocol = protocols.first() == Some(&"token");
+    let token = if offered_token_protocol { protocols.get(1).copied() } else { None };
+    let token = token.or(query.token.as_deref());
+    let admission = admit(&shared, headers, token, &query);
+
+    let mut response = warp::reply::reply().into_response();
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+        .map_err(|_| ApiError::Internal("accept key is not a header value".into()))?;
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if offered_token_protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("token"));
+    }
+
+    let tracked = shared.clone();
+    tracked.sessions.shutdown.spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        // Our accept loop serves `TokioIo<TcpStream>`, so this is the raw socket;
+        // anything else (e.g. warp's test harness) keeps hyper's wrapper.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                let ws = if parts.read_buf.is_empty() {
+                    WebSocketStream::from_raw_socket(stream, Role::Server, Some(shared.ws_config)).await
+                } else {
+                    let early = parts.read_buf.to_vec();
+                    WebSocketStream::from_partially_read(stream, early, Role::Server, Some(shared.ws_config)).await
+                };
+                serve_socket(ws, admission, &shared).await;
+            }
+            Err(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(shared.ws_config)).await;
+                serve_socket(ws, admission, &shared).await;
+            }
+        }
+    });
+    Ok(response)
+}
+
+async fn serve_socket<S>(mut ws: WebSocketStream<S>, admission: Admission, shared: &Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match admission {
+        Admission::Accept(claims, resume) => session::run(ws, shared.sessions.clone(), claims, resume).await,
+        Admission::Refuse(code, reason) => session::close_socket(&mut ws, code, reason).await,
+    }
+}
+
+/// Checks origin and token; the verdict is delivered as a close code after the 101.
+fn admit(shared: &Shared, headers: &HeaderMap, token: Option<&str>, query: &ConnectQuery) -> Admission {
+    if let (Some(allowed), Some(origin)) = (&shared.allowed_origins, headers.get(header::ORIGIN)) {
+        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
+        if !allowed.iter().any(|a| a == origin) {
+            return Admission::Refuse(close::FORBIDDEN, "origin not allowed");
+        }
+    }
+    let verdict = match token {
+        None => Err(AuthError::Missing),
+        Some(token) => shared.auth.verify(token),
+    };
+    let claims = match verdict {
+        Ok(claims) => claims,
+        Err(e) => {
+            shared.hub.metrics().auth_failures.inc();
+            tracing::debug!(reason = %e, "websocket token refused");
+            let reason = if e == AuthError::Expired { "token expired" } else { "unauthorized" };
+            return Admission::Refuse(close::UNAUTHORIZED, reason);
+        }
+    };
+    let resume = match (&query.since, &query.epoch) {
+        (Some(since), epoch) => since.parse::<u64>().ok().map(|since| Resume {
+            since,
+            epoch: epoch.clone().unwrap_or_default(),
+        }),
+        (None, _) => None,
+    };
+    Admission::Accept(claims, resume)
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}

@@ -1,0 +1,18 @@
+//! Integration tests of agentcast through real sockets: a server on port 0 per
+//! test (see `helpers::spawn_app`), plain HTTP clients and real WebSocket clients.
+//!
+//! Each module covers one part of SPEC.md:
+//! - `http`: the small endpoints (health, stats, metrics), 404/405/426;
+//! - `publish`: broadcast, to-user, presence and every error of SPEC §3;
+//! - `auth`: both token transports, forged/expired/`none` tokens, in-band refresh;
+//! - `ws`: the frames of §4.1–4.2, delivery, isolation, the close codes;
+//! - `resume`: ordering, history and resume of §4.3;
+//! - `limits`: connection limits, frame floods, slow consumers.
+
+mod auth;
+mod helpers;
+mod http;
+mod limits;
+mod publish;
+mod resume;
+mod ws;
