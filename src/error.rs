@@ -116,12 +116,6 @@ fn from_rejection(rejection: &Rejection) -> ApiError {
     if let Some(error) = rejection.find::<ApiError>() {
         return error.clone();
     }
-    if rejection.is_not_found() {
-        return ApiError::NotFound;
-    }
-    if rejection.find::<reject::MethodNotAllowed>().is_some() {
-        return ApiError::MethodNotAllowed;
-    }
     if let Some(e) = rejection.find::<reject::InvalidQuery>() {
         return ApiError::BadRequest(format!("invalid query string: {e}"));
     }
@@ -140,6 +134,12 @@ fn from_rejection(rejection: &Rejection) -> ApiError {
     if rejection.find::<reject::UnsupportedMediaType>().is_some() {
         return ApiError::UnsupportedMediaType;
     }
+    // Last: these lose to any more specific reason another route gave.
+    if rejection.find::<reject::MethodNotAllowed>().is_some() {
+        return ApiError::MethodNotAllowed;
+    }
+    if rejection.is_not_found() {
+        return ApiError::NotFound;
+    }
     ApiError::Internal(format!("unhandled rejection: {rejection:?}"))
 }
-

@@ -37,7 +37,9 @@ pub struct Shared {
 pub struct PeerAddr(pub SocketAddr);
 
 /// Every route, with JSON errors.
-pub fn all(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+pub fn all(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     ops::health(shared.clone())
         .or(ops::stats(shared.clone()))
         .or(ops::metrics(shared.clone()))
@@ -46,9 +48,14 @@ pub fn all(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = 
         .or(publish::user_publish(shared.clone()))
         .or(publish::user_presence(shared))
         .recover(crate::error::recover)
-        .with(warp::reply::with::header("x-content-type-options", "nosniff"))
+        .with(warp::reply::with::header(
+            "x-content-type-options",
+            "nosniff",
+        ))
 }
 
-fn with_shared(shared: Arc<Shared>) -> impl Filter<Extract = (Arc<Shared>,), Error = Infallible> + Clone {
+fn with_shared(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Arc<Shared>,), Error = Infallible> + Clone {
     warp::any().map(move || shared.clone())
 }

@@ -11,54 +11,73 @@ use crate::auth::{bearer, AuthError};
 use crate::error::ApiError;
 
 /// GET /health
-pub fn health(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("health").and(warp::get()).and(with_shared(shared)).map(|shared: Arc<Shared>| {
-        warp::reply::json(&json!({
-            "status": "ok",
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_s": shared.hub.metrics().uptime().as_secs(),
-        }))
-    })
+pub fn health(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("health")
+        .and(warp::get())
+        .and(with_shared(shared))
+        .map(|shared: Arc<Shared>| {
+            warp::reply::json(&json!({
+                "status": "ok",
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_s": shared.hub.metrics().uptime().as_secs(),
+            }))
+        })
 }
 
 /// GET /api/v1/ws/stats
-pub fn stats(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("api" / "v1" / "ws" / "stats").and(warp::get()).and(with_shared(shared)).map(|shared: Arc<Shared>| {
-        let m = shared.hub.metrics();
-        warp::reply::json(&json!({"stats": {
-            "total_connections": m.connections_total.get(),
-            "current_connections": shared.hub.open_connections(),
-            "messages_sent": m.messages_sent.get(),
-            "messages_published": m.messages_published.get(),
-            "messages_replayed": m.messages_replayed.get(),
-            "slow_consumer_disconnects": m.slow_consumer_disconnects.get(),
-            "auth_failures": m.auth_failures.get(),
-            "rate_limited": m.rate_limited.get(),
-            "uptime_s": m.uptime().as_secs(),
-            "node": shared.node,
-        }}))
-    })
+pub fn stats(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api" / "v1" / "ws" / "stats")
+        .and(warp::get())
+        .and(with_shared(shared))
+        .map(|shared: Arc<Shared>| {
+            let m = shared.hub.metrics();
+            warp::reply::json(&json!({"stats": {
+                "total_connections": m.connections_total.get(),
+                "current_connections": shared.hub.open_connections(),
+                "messages_sent": m.messages_sent.get(),
+                "messages_published": m.messages_published.get(),
+                "messages_replayed": m.messages_replayed.get(),
+                "slow_consumer_disconnects": m.slow_consumer_disconnects.get(),
+                "auth_failures": m.auth_failures.get(),
+                "rate_limited": m.rate_limited.get(),
+                "uptime_s": m.uptime().as_secs(),
+                "node": shared.node,
+            }}))
+        })
 }
 
 /// GET /metrics
-pub fn metrics(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+pub fn metrics(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("metrics")
         .and(warp::get())
         .and(warp::header::optional::<String>("authorization"))
         .and(with_shared(shared))
-        .and_then(|authorization: Option<String>, shared: Arc<Shared>| async move {
-            if let Some(expected) = &shared.metrics_token {
-                let given = bearer(authorization.as_deref()).unwrap_or("");
-                if !crate::auth::constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
-                    shared.hub.metrics().auth_failures.inc();
-                    return Err(warp::reject::custom(ApiError::Unauthorized(AuthError::Invalid)));
+        .and_then(
+            |authorization: Option<String>, shared: Arc<Shared>| async move {
+                if let Some(expected) = &shared.metrics_token {
+                    let given = bearer(authorization.as_deref()).unwrap_or("");
+                    if !crate::auth::constant_time_eq(
+                        given.as_bytes(),
+                        expected.expose().as_bytes(),
+                    ) {
+                        shared.hub.metrics().auth_failures.inc();
+                        return Err(warp::reject::custom(ApiError::Unauthorized(
+                            AuthError::Invalid,
+                        )));
+                    }
                 }
-            }
-            let body = shared.hub.metrics().encode();
-            Ok::<_, Rejection>(warp::reply::with_header(
-                body,
-                CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            ))
-        })
+                let body = shared.hub.metrics().encode();
+                Ok::<_, Rejection>(warp::reply::with_header(
+                    body,
+                    CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                ))
+            },
+        )
 }

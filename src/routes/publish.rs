@@ -14,19 +14,25 @@ use crate::error::ApiError;
 use crate::hub::wire::{Target, RESERVED_TYPES};
 
 /// POST /api/v1/ws/broadcast
-pub fn broadcast_publish(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+pub fn broadcast_publish(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / "v1" / "ws" / "broadcast")
         .and(warp::post())
         .and(publisher(shared.clone()))
         .and(json_body(shared.max_message_bytes))
         .and(with_shared(shared))
-        .map(|principal: Principal, body: PublishBody, shared: Arc<Shared>| {
-            publish(&shared, &principal, body, Target::Broadcast)
-        })
+        .map(
+            |principal: Principal, body: PublishBody, shared: Arc<Shared>| {
+                publish(&shared, &principal, body, Target::Broadcast)
+            },
+        )
 }
 
 /// POST /api/v1/ws/user/:userID
-pub fn user_publish(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+pub fn user_publish(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / "v1" / "ws" / "user" / String)
         .and(warp::post())
         .and(publisher(shared.clone()))
@@ -39,34 +45,45 @@ pub fn user_publish(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,),
 }
 
 /// GET /api/v1/ws/user/:userID
-pub fn user_presence(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+pub fn user_presence(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / "v1" / "ws" / "user" / String)
         .and(warp::get())
         .and(publisher(shared.clone()))
         .and(with_shared(shared))
-        .and_then(|user: String, principal: Principal, shared: Arc<Shared>| async move {
-            let user = user_id(&user)?;
-            let connections = shared.hub.presence(principal.tenant(), &user);
-            Ok::<_, Rejection>(warp::reply::json(&json!({
-                "user_id": user,
-                "online": connections > 0,
-                "connections": connections,
-            })))
-        })
+        .and_then(
+            |user: String, principal: Principal, shared: Arc<Shared>| async move {
+                let user = user_id(&user)?;
+                let connections = shared.hub.presence(principal.tenant(), &user);
+                Ok::<_, Rejection>(warp::reply::json(&json!({
+                    "user_id": user,
+                    "online": connections > 0,
+                    "connections": connections,
+                })))
+            },
+        )
 }
 
 /// The caller, who must be allowed to publish (admin JWT).
-fn publisher(shared: Arc<Shared>) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization").and(with_shared(shared)).and_then(
-        |authorization: Option<String>, shared: Arc<Shared>| async move {
-            shared.auth.publisher(authorization.as_deref()).map_err(|e| {
-                if matches!(e, ApiError::Unauthorized(_)) {
-                    shared.hub.metrics().auth_failures.inc();
-                }
-                warp::reject::custom(e)
-            })
-        },
-    )
+fn publisher(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(with_shared(shared))
+        .and_then(
+            |authorization: Option<String>, shared: Arc<Shared>| async move {
+                shared
+                    .auth
+                    .publisher(authorization.as_deref())
+                    .map_err(|e| {
+                        if matches!(e, ApiError::Unauthorized(_)) {
+                            shared.hub.metrics().auth_failures.inc();
+                        }
+                        warp::reject::custom(e)
+                    })
+            },
+        )
 }
 
 /// The publish body *(fixed)*: `{"type": "...", "data": <JSON value>}`.
@@ -84,26 +101,66 @@ pub struct PublishBody {
 fn json_body(limit: usize) -> impl Filter<Extract = (PublishBody,), Error = Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<String>("content-length"))
-        .and_then(move |content_type: Option<String>, length: Option<String>| async move {
-            let is_json = content_type.as_deref().is_some_and(|ct| {
-                ct.split(';').next().is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
-            });
-            if !is_json {
-                return Err(warp::reject::custom(ApiError::UnsupportedMediaType));
-            }
-            if let Some(length) = length {
-                match length.trim().parse::<u64>() {
-                    Ok(n) if n > limit as u64 => return Err(warp::reject::custom(ApiError::PayloadTooLarge { limit })),
-                    Ok(_) => {}
-                    Err(_) => return Err(warp::reject::custom(ApiError::BadRequest("invalid Content-Length".into()))),
+        .and_then(
+            move |content_type: Option<String>, length: Option<String>| async move {
+                let is_json = content_type.as_deref().is_some_and(|ct| {
+                    ct.split(';')
+                        .next()
+                        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+                });
+                if !is_json {
+                    return Err(warp::reject::custom(ApiError::UnsupportedMediaType));
                 }
-            }
-            Ok(())
-        })
+                if let Some(length) = length {
+                    match length.trim().parse::<u64>() {
+                        Ok(n) if n > limit as u64 => {
+                            return Err(warp::reject::custom(ApiError::PayloadTooLarge { limit }))
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            return Err(warp::reject::custom(ApiError::BadRequest(
+                                "invalid Content-Length".into(),
+                            )))
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
         .untuple_one()
-        .and(warp::body::content_length_limit(limit as u64))
-        .and(warp::body::bytes())
-        .and_then(|bytes: bytes::Bytes| async move { parse_body(&bytes).map_err(warp::reject::custom) })
+        .and(warp::body::stream())
+        .and_then(move |body| async move {
+            let bytes = read_limited(body, limit)
+                .await
+                .map_err(warp::reject::custom)?;
+            parse_body(&bytes).map_err(warp::reject::custom)
+        })
+}
+
+/// Reads a body (sized or chunked), refusing it as soon as it passes `limit`.
+async fn read_limited<S, B>(body: S, limit: usize) -> Result<Vec<u8>, ApiError>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    use futures_util::StreamExt;
+    let mut body = std::pin::pin!(body);
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
+        if bytes.len() + chunk.remaining() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        // A Buf may hold its bytes in several slices.
+        while chunk.has_remaining() {
+            let slice = chunk.chunk();
+            let n = slice.len();
+            bytes.extend_from_slice(slice);
+            chunk.advance(n);
+        }
+    }
+    Ok(bytes)
 }
 
 fn parse_body(bytes: &[u8]) -> Result<PublishBody, ApiError> {
@@ -116,21 +173,38 @@ fn parse_body(bytes: &[u8]) -> Result<PublishBody, ApiError> {
     })
 }
 
-fn publish(shared: &Shared, principal: &Principal, body: PublishBody, target: Target) -> warp::reply::Response {
+fn publish(
+    shared: &Shared,
+    principal: &Principal,
+    body: PublishBody,
+    target: Target,
+) -> warp::reply::Response {
     let started = Instant::now();
     if let Err(e) = validate(&body.kind, &body.data) {
         return e.into_response();
     }
-    let receipt = shared.hub.publish(principal.tenant(), &body.kind, &body.data, target);
+    let receipt = shared
+        .hub
+        .publish(principal.tenant(), &body.kind, &body.data, target);
     tracing::debug!(tenant = principal.tenant(), kind = %body.kind, seq = receipt.seq, recipients = receipt.recipients, "published");
-    shared.hub.metrics().publish_duration.observe(started.elapsed().as_secs_f64());
+    shared
+        .hub
+        .metrics()
+        .publish_duration
+        .observe(started.elapsed().as_secs_f64());
     warp::reply::with_status(warp::reply::json(&receipt), StatusCode::ACCEPTED).into_response()
 }
 
 /// A `userID` path segment: percent-decoded, 1-128 printable characters.
 fn user_id(segment: &str) -> Result<String, Rejection> {
-    let invalid = || warp::reject::custom(ApiError::Unprocessable("userID must be 1-128 printable characters".into()));
-    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8().map_err(|_| invalid())?;
+    let invalid = || {
+        warp::reject::custom(ApiError::Unprocessable(
+            "userID must be 1-128 printable characters".into(),
+        ))
+    };
+    let decoded = percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map_err(|_| invalid())?;
     if decoded.is_empty() || decoded.len() > 128 || decoded.chars().any(char::is_control) {
         return Err(invalid());
     }
@@ -142,16 +216,28 @@ pub fn validate(kind: &str, data: &Value) -> Result<(), ApiError> {
     let fail = |message: &str| Err(ApiError::Unprocessable(message.to_owned()));
     let valid_type = kind.len() <= 64
         && kind.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
-        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.:-".contains(&b));
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.:-".contains(&b));
     if !valid_type {
         return fail("type must match ^[a-z][a-z0-9_.:-]{0,63}$");
     }
     if RESERVED_TYPES.contains(&kind) {
-        return Err(ApiError::Unprocessable(format!("type '{kind}' is reserved for the server")));
+        return Err(ApiError::Unprocessable(format!(
+            "type '{kind}' is reserved for the server"
+        )));
     }
     let field = |name: &str| data.get(name);
-    let non_empty_str = |name: &str| field(name).and_then(Value::as_str).is_some_and(|s| !s.is_empty());
-    let one_of = |name: &str, allowed: &[&str]| field(name).and_then(Value::as_str).is_some_and(|s| allowed.contains(&s));
+    let non_empty_str = |name: &str| {
+        field(name)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    };
+    let one_of = |name: &str, allowed: &[&str]| {
+        field(name)
+            .and_then(Value::as_str)
+            .is_some_and(|s| allowed.contains(&s))
+    };
     let optional_str = |name: &str| field(name).is_none_or(|v| v.is_null() || v.is_string());
     match kind {
         "task_update" => {
@@ -167,8 +253,9 @@ pub fn validate(kind: &str, data: &Value) -> Result<(), ApiError> {
             if !optional_str("query") {
                 return fail("data.query must be a string");
             }
-            let progress_ok = field("progress")
-                .is_none_or(|v| v.is_null() || v.as_f64().is_some_and(|p| (0.0..=100.0).contains(&p)));
+            let progress_ok = field("progress").is_none_or(|v| {
+                v.is_null() || v.as_f64().is_some_and(|p| (0.0..=100.0).contains(&p))
+            });
             if !progress_ok {
                 return fail("data.progress must be a number from 0 to 100");
             }
@@ -195,7 +282,9 @@ pub fn validate(kind: &str, data: &Value) -> Result<(), ApiError> {
                 return fail("data.message must be a non-empty string");
             }
             let level_ok = field("level").is_none_or(|v| {
-                v.is_null() || v.as_str().is_some_and(|l| ["info", "success", "warning", "error"].contains(&l))
+                v.is_null()
+                    || v.as_str()
+                        .is_some_and(|l| ["info", "success", "warning", "error"].contains(&l))
             });
             if !level_ok {
                 return fail("data.level must be one of info, success, warning, error");
@@ -214,12 +303,24 @@ mod tests {
     fn known_types_name_the_bad_field() {
         let err = |kind: &str, data: Value| validate(kind, &data).unwrap_err().to_string();
         assert!(err("task_update", json!({"status": "running"})).contains("data.task_id"));
-        assert!(err("task_update", json!({"task_id": "t", "status": "paused"})).contains("data.status"));
-        assert!(err("task_update", json!({"task_id": "t", "status": "running", "progress": 101})).contains("data.progress"));
-        assert!(err("agent_update", json!({"agent_id": "a", "action": "born"})).contains("data.action"));
+        assert!(
+            err("task_update", json!({"task_id": "t", "status": "paused"})).contains("data.status")
+        );
+        assert!(err(
+            "task_update",
+            json!({"task_id": "t", "status": "running", "progress": 101})
+        )
+        .contains("data.progress"));
+        assert!(
+            err("agent_update", json!({"agent_id": "a", "action": "born"})).contains("data.action")
+        );
         assert!(err("system", json!({"message": ""})).contains("data.message"));
         assert!(err("system", json!({"message": "m", "level": "loud"})).contains("data.level"));
-        assert!(validate("task_update", &json!({"task_id": "t", "status": "completed", "progress": 100})).is_ok());
+        assert!(validate(
+            "task_update",
+            &json!({"task_id": "t", "status": "completed", "progress": 100})
+        )
+        .is_ok());
         assert!(validate("custom_event", &json!([1, 2])).is_ok());
     }
 
@@ -227,7 +328,16 @@ mod tests {
     fn type_names_follow_the_pattern_and_reserved_ones_are_refused() {
         assert!(validate("a", &Value::Null).is_ok());
         assert!(validate("a.b:c-d_9", &Value::Null).is_ok());
-        for bad in ["", "A", "9a", "a b", &"a".repeat(65), "connected", "pong", "error"] {
+        for bad in [
+            "",
+            "A",
+            "9a",
+            "a b",
+            &"a".repeat(65),
+            "connected",
+            "pong",
+            "error",
+        ] {
             assert!(validate(bad, &Value::Null).is_err(), "{bad}");
         }
     }
@@ -236,8 +346,14 @@ mod tests {
     fn bodies_map_to_400_or_422() {
         assert!(matches!(parse_body(b""), Err(ApiError::BadRequest(_))));
         assert!(matches!(parse_body(b"{nope"), Err(ApiError::BadRequest(_))));
-        assert!(matches!(parse_body(br#"{"type": 5}"#), Err(ApiError::Unprocessable(_))));
-        assert!(matches!(parse_body(br#"{"type": "a", "extra": 1}"#), Err(ApiError::Unprocessable(_))));
+        assert!(matches!(
+            parse_body(br#"{"type": 5}"#),
+            Err(ApiError::Unprocessable(_))
+        ));
+        assert!(matches!(
+            parse_body(br#"{"type": "a", "extra": 1}"#),
+            Err(ApiError::Unprocessable(_))
+        ));
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(parse_body(format!(r#"{{"type":"a","data":{deep}}}"#).as_bytes()).is_err());
     }

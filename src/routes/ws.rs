@@ -41,16 +41,27 @@ enum Admission {
 }
 
 /// GET /api/v1/ws/connect
-pub fn ws_connect(shared: Arc<Shared>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+pub fn ws_connect(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / "v1" / "ws" / "connect")
         .and(warp::get())
         .and(warp::header::headers_cloned())
-        .and(warp::query::<ConnectQuery>().or(warp::any().map(ConnectQuery::default)).unify())
+        .and(
+            warp::query::<ConnectQuery>()
+                .or(warp::any().map(ConnectQuery::default))
+                .unify(),
+        )
         .and(warp::ext::optional::<OnUpgrade>())
         .and(with_shared(shared))
-        .and_then(|headers: HeaderMap, query: ConnectQuery, upgrade: Option<OnUpgrade>, shared: Arc<Shared>| async move {
-            handshake(&headers, query, upgrade, shared).map_err(warp::reject::custom)
-        })
+        .and_then(
+            |headers: HeaderMap,
+             query: ConnectQuery,
+             upgrade: Option<OnUpgrade>,
+             shared: Arc<Shared>| async move {
+                handshake(&headers, query, upgrade, shared).map_err(warp::reject::custom)
+            },
+        )
 }
 
 fn handshake(
@@ -64,13 +75,19 @@ fn handshake(
     if !wants_websocket {
         return Err(ApiError::UpgradeRequired);
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
-        return Err(ApiError::BadRequest("Sec-WebSocket-Version must be 13".into()));
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(ApiError::BadRequest(
+            "Sec-WebSocket-Version must be 13".into(),
+        ));
     }
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .ok_or_else(|| ApiError::BadRequest("missing Sec-WebSocket-Key".into()))?;
-    let upgrade = upgrade.ok_or_else(|| ApiError::Internal("connection cannot be upgraded".into()))?;
+    let upgrade =
+        upgrade.ok_or_else(|| ApiError::Internal("connection cannot be upgraded".into()))?;
 
     let protocols: Vec<&str> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -80,7 +97,11 @@ fn handshake(
         .map(str::trim)
         .collect();
     let offered_token_protocol = protocols.first() == Some(&"token");
-    let token = if offered_token_protocol { protocols.get(1).copied() } else { None };
+    let token = if offered_token_protocol {
+        protocols.get(1).copied()
+    } else {
+        None
+    };
     let token = token.or(query.token.as_deref());
     let admission = admit(&shared, headers, token, &query);
 
@@ -93,7 +114,10 @@ fn handshake(
         .map_err(|_| ApiError::Internal("accept key is not a header value".into()))?;
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     if offered_token_protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("token"));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("token"),
+        );
     }
 
     let tracked = shared.clone();
@@ -111,16 +135,24 @@ fn handshake(
             Ok(parts) => {
                 let stream = parts.io.into_inner();
                 let ws = if parts.read_buf.is_empty() {
-                    WebSocketStream::from_raw_socket(stream, Role::Server, Some(shared.ws_config)).await
+                    WebSocketStream::from_raw_socket(stream, Role::Server, Some(shared.ws_config))
+                        .await
                 } else {
                     let early = parts.read_buf.to_vec();
-                    WebSocketStream::from_partially_read(stream, early, Role::Server, Some(shared.ws_config)).await
+                    WebSocketStream::from_partially_read(
+                        stream,
+                        early,
+                        Role::Server,
+                        Some(shared.ws_config),
+                    )
+                    .await
                 };
                 serve_socket(ws, admission, &shared).await;
             }
             Err(upgraded) => {
                 let io = TokioIo::new(upgraded);
-                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(shared.ws_config)).await;
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(shared.ws_config))
+                    .await;
                 serve_socket(ws, admission, &shared).await;
             }
         }
@@ -133,13 +165,20 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     match admission {
-        Admission::Accept(claims, resume) => session::run(ws, shared.sessions.clone(), claims, resume).await,
+        Admission::Accept(claims, resume) => {
+            session::run(ws, shared.sessions.clone(), claims, resume).await
+        }
         Admission::Refuse(code, reason) => session::close_socket(&mut ws, code, reason).await,
     }
 }
 
 /// Checks origin and token; the verdict is delivered as a close code after the 101.
-fn admit(shared: &Shared, headers: &HeaderMap, token: Option<&str>, query: &ConnectQuery) -> Admission {
+fn admit(
+    shared: &Shared,
+    headers: &HeaderMap,
+    token: Option<&str>,
+    query: &ConnectQuery,
+) -> Admission {
     if let (Some(allowed), Some(origin)) = (&shared.allowed_origins, headers.get(header::ORIGIN)) {
         let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
         if !allowed.iter().any(|a| a == origin) {
@@ -155,7 +194,11 @@ fn admit(shared: &Shared, headers: &HeaderMap, token: Option<&str>, query: &Conn
         Err(e) => {
             shared.hub.metrics().auth_failures.inc();
             tracing::debug!(reason = %e, "websocket token refused");
-            let reason = if e == AuthError::Expired { "token expired" } else { "unauthorized" };
+            let reason = if e == AuthError::Expired {
+                "token expired"
+            } else {
+                "unauthorized"
+            };
             return Admission::Refuse(close::UNAUTHORIZED, reason);
         }
     };

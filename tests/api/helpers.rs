@@ -5,7 +5,6 @@
 //! counter reaching a value), never for a fixed time, so a loaded machine makes
 //! tests slower, not flaky.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Once;
@@ -41,7 +40,10 @@ fn init_tracing() {
         if std::env::var_os("TEST_LOG").is_some() {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("debug"));
-            tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().init();
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .init();
         }
     });
 }
@@ -68,9 +70,8 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     std::fs::create_dir_all(&data_dir).expect("create the test data dir");
     let mut settings = Settings::for_tests(&data_dir);
     tweak(&mut settings);
-    let listener = agentcast::app::bind(SocketAddr::new(settings.bind, settings.port))
-        .await
-        .expect("bind port 0");
+    let listener =
+        agentcast::app::bind(SocketAddr::new(settings.bind, settings.port)).expect("bind port 0");
     let addr = listener.local_addr().expect("bound address");
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let shutdown = async move {
@@ -120,7 +121,11 @@ impl TestApp {
 
     /// Triggers the drain and waits (bounded) for `serve()` to return.
     pub async fn shutdown(&mut self) -> Result<(), agentcast::app::AppError> {
-        self.shutdown_tx.take().expect("shutdown triggered twice").send(()).ok();
+        self.shutdown_tx
+            .take()
+            .expect("shutdown triggered twice")
+            .send(())
+            .ok();
         let task = self.serve_task.take().expect("serve task already awaited");
         let limit = self.settings.shutdown_timeout + WAIT;
         tokio::time::timeout(limit, task)
@@ -154,10 +159,19 @@ impl TestApp {
     // ---- HTTP -----------------------------------------------------------------
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).send().await.expect("GET failed")
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET failed")
     }
 
-    pub async fn post_json(&self, path: &str, token: Option<&str>, body: &Value) -> reqwest::Response {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
         let mut request = self.http.post(self.url(path)).json(body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -166,7 +180,13 @@ impl TestApp {
     }
 
     /// POST with a raw body and an explicit Content-Type.
-    pub async fn post_raw(&self, path: &str, token: Option<&str>, content_type: Option<&str>, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         let mut request = self.http.post(self.url(path)).body(body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -178,11 +198,13 @@ impl TestApp {
     }
 
     pub async fn post_broadcast(&self, token: &str, body: &Value) -> reqwest::Response {
-        self.post_json("/api/v1/ws/broadcast", Some(token), body).await
+        self.post_json("/api/v1/ws/broadcast", Some(token), body)
+            .await
     }
 
     pub async fn post_user(&self, token: &str, user: &str, body: &Value) -> reqwest::Response {
-        self.post_json(&format!("/api/v1/ws/user/{user}"), Some(token), body).await
+        self.post_json(&format!("/api/v1/ws/user/{user}"), Some(token), body)
+            .await
     }
 
     pub async fn get_presence(&self, token: &str, user: &str) -> reqwest::Response {
@@ -196,13 +218,21 @@ impl TestApp {
 
     /// A broadcast as the `default` admin that must be accepted; returns the 202 body.
     pub async fn broadcast(&self, kind: &str, data: Value) -> Value {
-        let response = self.post_broadcast(&self.admin_token(), &json!({"type": kind, "data": data})).await;
+        let response = self
+            .post_broadcast(&self.admin_token(), &json!({"type": kind, "data": data}))
+            .await;
         accepted(response).await
     }
 
     /// A to-user message as the `default` admin that must be accepted.
     pub async fn send_to_user(&self, user: &str, kind: &str, data: Value) -> Value {
-        let response = self.post_user(&self.admin_token(), user, &json!({"type": kind, "data": data})).await;
+        let response = self
+            .post_user(
+                &self.admin_token(),
+                user,
+                &json!({"type": kind, "data": data}),
+            )
+            .await;
         accepted(response).await
     }
 
@@ -217,18 +247,23 @@ impl TestApp {
     /// One counter of the stats as a number (panics if absent).
     pub async fn stat(&self, name: &str) -> u64 {
         let stats = self.get_stats().await;
-        stats[name].as_u64().unwrap_or_else(|| panic!("stats.{name} is not a number: {stats}"))
+        stats[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("stats.{name} is not a number: {stats}"))
     }
 
     /// Polls a stats counter until `done` holds; returns its last value.
     pub async fn wait_for_stat(&self, name: &str, done: impl Fn(u64) -> bool) -> u64 {
         let mut last = 0;
-        let reached = wait_until(WAIT, || async {
+        let reached = wait_until(WAIT, async || {
             last = self.stat(name).await;
             done(last)
         })
         .await;
-        assert!(reached, "stats.{name} never reached the expected value (last: {last})");
+        assert!(
+            reached,
+            "stats.{name} never reached the expected value (last: {last})"
+        );
         last
     }
 
@@ -236,25 +271,44 @@ impl TestApp {
 
     /// A connection with the token in the subprotocol pair `token, <jwt>`.
     pub async fn connect(&self, token: &str) -> WsClient {
-        WsClient::open(with_token_protocol(self.ws_url("").into_client_request().unwrap(), token)).await
+        WsClient::open(with_token_protocol(
+            self.ws_url("").into_client_request().unwrap(),
+            token,
+        ))
+        .await
     }
 
     /// A connection with the token in `?token=`.
     pub async fn connect_query(&self, token: &str) -> WsClient {
-        WsClient::open(self.ws_url(&format!("token={token}")).into_client_request().unwrap()).await
+        WsClient::open(
+            self.ws_url(&format!("token={token}"))
+                .into_client_request()
+                .unwrap(),
+        )
+        .await
     }
 
     /// A resuming connection: `?since=..&epoch=..`, token in the subprotocol.
     pub async fn connect_resume(&self, token: &str, since: u64, epoch: &str) -> WsClient {
-        let request = self.ws_url(&format!("since={since}&epoch={epoch}")).into_client_request().unwrap();
+        let request = self
+            .ws_url(&format!("since={since}&epoch={epoch}"))
+            .into_client_request()
+            .unwrap();
         WsClient::open(with_token_protocol(request, token)).await
     }
 
     /// A connection with the token in the subprotocol and extra headers (e.g. `Origin`).
-    pub async fn connect_with_headers(&self, token: &str, headers: &[(&'static str, &str)]) -> WsClient {
-        let mut request = with_token_protocol(self.ws_url("").into_client_request().unwrap(), token);
+    pub async fn connect_with_headers(
+        &self,
+        token: &str,
+        headers: &[(&'static str, &str)],
+    ) -> WsClient {
+        let mut request =
+            with_token_protocol(self.ws_url("").into_client_request().unwrap(), token);
         for (name, value) in headers {
-            request.headers_mut().insert(*name, HeaderValue::from_str(value).unwrap());
+            request
+                .headers_mut()
+                .insert(*name, HeaderValue::from_str(value).unwrap());
         }
         WsClient::open(request).await
     }
@@ -269,8 +323,11 @@ impl TestApp {
 
 /// `Sec-WebSocket-Protocol: token, <jwt>`.
 pub fn with_token_protocol(mut request: Request, token: &str) -> Request {
-    let value = HeaderValue::from_str(&format!("token, {token}")).expect("a JWT is a valid header value");
-    request.headers_mut().insert("Sec-WebSocket-Protocol", value);
+    let value =
+        HeaderValue::from_str(&format!("token, {token}")).expect("a JWT is a valid header value");
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", value);
     request
 }
 
@@ -289,14 +346,22 @@ pub fn claims(sub: &str, role: Role, tenant: &str, ttl_s: i64) -> Claims {
 
 /// Any serializable claims signed with `alg` and `secret` (for forgeries).
 pub fn sign(alg: Algorithm, secret: &str, claims: &impl serde::Serialize) -> String {
-    jsonwebtoken::encode(&Header::new(alg), claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .expect("signing test claims")
+    jsonwebtoken::encode(
+        &Header::new(alg),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing test claims")
 }
 
 /// An unsigned token: header `{"alg":"none","typ":"JWT"}`, the payload of `claims`, empty signature.
 pub fn none_alg_token(claims: &Claims) -> String {
     let payload = serde_json::to_vec(claims).unwrap();
-    format!("{}.{}.", base64url(br#"{"alg":"none","typ":"JWT"}"#), base64url(&payload))
+    format!(
+        "{}.{}.",
+        base64url(br#"{"alg":"none","typ":"JWT"}"#),
+        base64url(&payload)
+    )
 }
 
 /// Unpadded base64url, enough to forge token segments by hand.
@@ -304,7 +369,10 @@ pub fn base64url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
         for i in 0..=chunk.len() {
             out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }
@@ -313,7 +381,10 @@ pub fn base64url(bytes: &[u8]) -> String {
 }
 
 pub fn now_s() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// Asserts a 202 and returns its body `{id, seq, recipients}`.
@@ -334,7 +405,10 @@ pub async fn assert_error(response: reqwest::Response, status: u16, context: &st
         .unwrap_or("")
         .to_owned();
     let text = response.text().await.unwrap_or_default();
-    assert_eq!(actual, status, "{context}: expected {status}, got {actual} with body {text:?}");
+    assert_eq!(
+        actual, status,
+        "{context}: expected {status}, got {actual} with body {text:?}"
+    );
     assert!(
         content_type.starts_with("application/json"),
         "{context}: error Content-Type is {content_type:?}, body {text:?}"
@@ -347,21 +421,24 @@ pub async fn assert_error(response: reqwest::Response, status: u16, context: &st
 
 /// `{"error":{"code":"snake_case","message":"non-empty"}}`.
 pub fn assert_error_shape(body: &Value, context: &str) {
-    let code = body["error"]["code"].as_str().unwrap_or_else(|| panic!("{context}: no error.code in {body}"));
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{context}: no error.code in {body}"));
     assert!(
-        !code.is_empty() && code.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        !code.is_empty()
+            && code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
         "{context}: error.code {code:?} is not snake_case"
     );
-    let message = body["error"]["message"].as_str().unwrap_or_else(|| panic!("{context}: no error.message in {body}"));
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{context}: no error.message in {body}"));
     assert!(!message.is_empty(), "{context}: empty error.message");
 }
 
 /// Re-evaluates `check` (every 50 ms) until it holds or `limit` passes.
-pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
+pub async fn wait_until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         if check().await {
@@ -385,7 +462,9 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         let _ = stream.read_to_end(&mut bytes).await;
         bytes
     };
-    let bytes = tokio::time::timeout(WAIT, exchange).await.expect("raw HTTP exchange timed out");
+    let bytes = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("raw HTTP exchange timed out");
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let status = text
         .split_whitespace()
@@ -393,7 +472,10 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status line in {text:?}"));
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -445,8 +527,15 @@ impl WsClient {
         match outcome {
             Ok((ws, response)) => WsClient { ws, response },
             Err(WsError::Http(response)) => {
-                let body = response.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-                panic!("upgrade refused: HTTP {} {:?} (expected 101)", response.status(), body)
+                let body = response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned());
+                panic!(
+                    "upgrade refused: HTTP {} {:?} (expected 101)",
+                    response.status(),
+                    body
+                )
             }
             Err(e) => panic!("WebSocket handshake to {uri} failed: {e}"),
         }
@@ -454,19 +543,26 @@ impl WsClient {
 
     /// The subprotocol the server answered, if any.
     pub fn protocol(&self) -> Option<&str> {
-        self.response.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok())
+        self.response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok())
     }
 
     /// The next text frame as JSON, a close, or the end; Ping/Pong frames are skipped.
     pub async fn next_event(&mut self) -> Event {
-        self.next_event_within(WAIT).await.unwrap_or_else(|| panic!("no frame from the server within {WAIT:?}"))
+        self.next_event_within(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no frame from the server within {WAIT:?}"))
     }
 
     /// Like [`WsClient::next_event`], but `None` after `limit` without a frame.
     pub async fn next_event_within(&mut self, limit: Duration) -> Option<Event> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             return Some(match next {
                 None => Event::Ended("stream ended".to_owned()),
                 Some(Err(e)) => Event::Ended(e.to_string()),
@@ -474,8 +570,12 @@ impl WsClient {
                     Ok(value) => Event::Json(value),
                     Err(e) => panic!("server sent a text frame that is not JSON ({e}): {text}"),
                 },
-                Some(Ok(Message::Close(frame))) => Event::Closed(frame.map(|f: CloseFrame| u16::from(f.code))),
-                Some(Ok(Message::Binary(bytes))) => panic!("server sent a binary frame of {} bytes", bytes.len()),
+                Some(Ok(Message::Close(frame))) => {
+                    Event::Closed(frame.map(|f: CloseFrame| u16::from(f.code)))
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    panic!("server sent a binary frame of {} bytes", bytes.len())
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
             });
         }
@@ -552,7 +652,10 @@ impl WsClient {
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(WAIT, self.ws.close(None)).await;
         // Drain until the server's answer so the server has seen the close.
-        let _ = tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
     }
 }
 
@@ -566,7 +669,12 @@ pub fn summary(frames: &[Value]) -> String {
         })
         .collect();
     if parts.len() > 20 {
-        format!("{} frames: {} … {}", parts.len(), parts[..10].join(", "), parts[parts.len() - 5..].join(", "))
+        format!(
+            "{} frames: {} … {}",
+            parts.len(),
+            parts[..10].join(", "),
+            parts[parts.len() - 5..].join(", ")
+        )
     } else {
         format!("[{}]", parts.join(", "))
     }
@@ -581,5 +689,7 @@ fn redact(uri: &str) -> String {
 
 /// The `seq` of a delivered frame.
 pub fn seq_of(frame: &Value) -> u64 {
-    frame["seq"].as_u64().unwrap_or_else(|| panic!("frame without a numeric seq: {frame}"))
+    frame["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("frame without a numeric seq: {frame}"))
 }
