@@ -45,7 +45,12 @@ fn default_tenant() -> String {
 
 impl Claims {
     /// Claims for `sub` valid for `ttl` from now.
-    pub fn new(sub: impl Into<String>, role: Role, tenant: impl Into<String>, ttl: Duration) -> Self {
+    pub fn new(
+        sub: impl Into<String>,
+        role: Role,
+        tenant: impl Into<String>,
+        ttl: Duration,
+    ) -> Self {
         let now = unix_now();
         Claims {
             sub: sub.into(),
@@ -102,7 +107,10 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("external", &self.external.as_ref().map(|(_, v)| v.algorithms.clone()))
+            .field(
+                "external",
+                &self.external.as_ref().map(|(_, v)| v.algorithms.clone()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -137,12 +145,11 @@ impl Authenticator {
             (alg, Some((key, rules))) if rules.algorithms == [alg] => (key, rules),
             _ => return Err(AuthError::Invalid),
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, rules).map_err(|e| {
-            match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, rules).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid,
-            }
-        })?;
+            })?;
         check_claims(&data.claims)?;
         Ok(data.claims)
     }
@@ -169,7 +176,10 @@ impl Authenticator {
 pub fn bearer(authorization: Option<&str>) -> Option<&str> {
     let value = authorization?.trim();
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 fn validation(alg: Algorithm, leeway: u64) -> Validation {
@@ -185,8 +195,9 @@ fn external_key(value: &str, leeway: u64) -> Result<(DecodingKey, Validation), C
     let pem = if value.trim_start().starts_with("-----BEGIN") {
         value.as_bytes().to_vec()
     } else {
-        std::fs::read(value)
-            .map_err(|e| ConfigError::Invalid(format!("cannot read JWT_PUBLIC_KEY file '{value}': {e}")))?
+        std::fs::read(value).map_err(|e| {
+            ConfigError::Invalid(format!("cannot read JWT_PUBLIC_KEY file '{value}': {e}"))
+        })?
     };
     if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
         return Ok((key, validation(Algorithm::RS256, leeway)));
@@ -201,10 +212,14 @@ fn external_key(value: &str, leeway: u64) -> Result<(DecodingKey, Validation), C
 
 fn check_claims(claims: &Claims) -> Result<(), AuthError> {
     if claims.sub.is_empty() || claims.sub.len() > 128 || claims.sub.chars().any(char::is_control) {
-        return Err(AuthError::BadClaims("sub must be 1-128 printable characters"));
+        return Err(AuthError::BadClaims(
+            "sub must be 1-128 printable characters",
+        ));
     }
     if !valid_tenant(&claims.tenant) {
-        return Err(AuthError::BadClaims("tenant must be 1-64 of [A-Za-z0-9_.-]"));
+        return Err(AuthError::BadClaims(
+            "tenant must be 1-64 of [A-Za-z0-9_.-]",
+        ));
     }
     if claims.name.as_ref().is_some_and(|n| n.len() > 256) {
         return Err(AuthError::BadClaims("name is longer than 256 bytes"));
@@ -214,7 +229,9 @@ fn check_claims(claims: &Claims) -> Result<(), AuthError> {
 
 pub fn valid_tenant(tenant: &str) -> bool {
     (1..=64).contains(&tenant.len())
-        && tenant.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 /// Compares two secrets without stopping at the first differing byte.
@@ -224,7 +241,10 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A random base62 string of `len` characters from the OS-seeded thread RNG.
@@ -272,7 +292,8 @@ mod tests {
         let mut claims = Claims::new("u1", Role::User, "default", Duration::ZERO);
         claims.exp = unix_now() - 5;
         assert_eq!(auth.verify(&auth.mint(&claims)), Err(AuthError::Expired));
-        let key = EncodingKey::from_secret(Settings::for_tests("/x").jwt_secret.expose().as_bytes());
+        let key =
+            EncodingKey::from_secret(Settings::for_tests("/x").jwt_secret.expose().as_bytes());
         let no_exp = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &serde_json::json!({"sub": "u1"}),

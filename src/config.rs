@@ -261,18 +261,36 @@ impl Settings {
                 Err(ConfigError::Invalid(what.to_owned()))
             }
         };
-        check(self.jwt_secret.expose().len() >= 16, "JWT_SECRET must be at least 16 bytes")?;
-        check(self.max_message_bytes >= 256, "MAX_MESSAGE_BYTES must be at least 256")?;
-        check(self.max_message_bytes <= 16 << 20, "MAX_MESSAGE_BYTES must be at most 16 MiB")?;
+        check(
+            self.jwt_secret.expose().len() >= 16,
+            "JWT_SECRET must be at least 16 bytes",
+        )?;
+        check(
+            self.max_message_bytes >= 256,
+            "MAX_MESSAGE_BYTES must be at least 256",
+        )?;
+        check(
+            self.max_message_bytes <= 16 << 20,
+            "MAX_MESSAGE_BYTES must be at most 16 MiB",
+        )?;
         check(self.send_queue >= 1, "SEND_QUEUE must be at least 1")?;
         check(self.history_size >= 1, "HISTORY_SIZE must be at least 1")?;
-        check(!self.ping_interval.is_zero(), "PING_INTERVAL must be above 0")?;
+        check(
+            !self.ping_interval.is_zero(),
+            "PING_INTERVAL must be above 0",
+        )?;
         check(
             self.idle_timeout > self.ping_interval,
             "IDLE_TIMEOUT must be longer than PING_INTERVAL",
         )?;
-        check(self.max_connections >= 1, "MAX_CONNECTIONS must be at least 1")?;
-        check(self.max_connections_per_user >= 1, "MAX_CONNECTIONS_PER_USER must be at least 1")?;
+        check(
+            self.max_connections >= 1,
+            "MAX_CONNECTIONS must be at least 1",
+        )?;
+        check(
+            self.max_connections_per_user >= 1,
+            "MAX_CONNECTIONS_PER_USER must be at least 1",
+        )?;
         Ok(())
     }
 }
@@ -283,7 +301,10 @@ pub fn resolve_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, 
     if let Some(secret) = given.filter(|s| !s.is_empty()) {
         return Ok(Secret(secret));
     }
-    let data_err = |source| ConfigError::DataDir { path: data_dir.to_owned(), source };
+    let data_err = |source| ConfigError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    };
     std::fs::create_dir_all(data_dir).map_err(data_err)?;
     let path = data_dir.join("jwt_secret");
     match std::fs::read_to_string(&path) {
@@ -314,16 +335,24 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 /// Parses `30`, `30s`, `500ms`, `2m`, `1h` or `1d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| format!("invalid duration '{text}'"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration '{text}'"))?;
     let unit_ms: u64 = match unit.trim() {
         "" | "s" => 1000,
         "ms" => 1,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("invalid duration unit in '{text}' (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in '{text}' (use ms, s, m, h or d)"
+            ))
+        }
     };
     n.checked_mul(unit_ms)
         .map(Duration::from_millis)
@@ -354,7 +383,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.join("jwt_secret")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.join("jwt_secret"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(!format!("{first:?}").contains(first.expose()));

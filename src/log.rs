@@ -67,7 +67,12 @@ impl TenantLog {
     /// `complete` is false when the epoch differs or history no longer reaches back
     /// to `since`: the client must then reload its state over REST.
     pub fn resume(&self, since: u64, epoch: &str, user: &str) -> Replay {
-        let mut replay = Replay { entries: Vec::new(), from: since, to: self.head, complete: false };
+        let mut replay = Replay {
+            entries: Vec::new(),
+            from: since,
+            to: self.head,
+            complete: false,
+        };
         if epoch != self.epoch || since > self.head {
             return replay;
         }
@@ -93,7 +98,9 @@ mod tests {
     fn publish(log: &mut TenantLog, target: Target) {
         let data = serde_json::json!({});
         let seq = log.next_seq();
-        log.push(Arc::new(Envelope::encode("t", &data, "id", seq, "ts", target)));
+        log.push(Arc::new(Envelope::encode(
+            "t", &data, "id", seq, "ts", target,
+        )));
     }
 
     #[test]
@@ -107,7 +114,10 @@ mod tests {
         let replay = log.resume(1, &epoch, "alice");
         assert!(replay.complete);
         assert_eq!((replay.from, replay.to), (1, 4));
-        assert_eq!(replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(
+            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [3, 4]
+        );
     }
 
     #[test]
@@ -119,7 +129,10 @@ mod tests {
         let epoch = log.epoch().to_owned();
         let old = log.resume(2, &epoch, "u");
         assert!(!old.complete);
-        assert_eq!(old.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [8, 9, 10]);
+        assert_eq!(
+            old.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [8, 9, 10]
+        );
         assert!(log.resume(7, &epoch, "u").complete);
         let foreign = log.resume(9, "other", "u");
         assert!(!foreign.complete);

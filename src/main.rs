@@ -38,7 +38,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
@@ -49,8 +52,15 @@ fn serve(args: ServeArgs) -> ExitCode {
         let addr = SocketAddr::new(settings.bind, settings.port);
         let listener = agentcast::app::bind(addr)?;
         let local = listener.local_addr()?;
-        let shown = if local.ip().is_unspecified() { format!("localhost:{}", local.port()) } else { local.to_string() };
-        tracing::info!("agentcast {} ready on http://{shown}", env!("CARGO_PKG_VERSION"));
+        let shown = if local.ip().is_unspecified() {
+            format!("localhost:{}", local.port())
+        } else {
+            local.to_string()
+        };
+        tracing::info!(
+            "agentcast {} ready on http://{shown}",
+            env!("CARGO_PKG_VERSION")
+        );
         agentcast::app::serve(settings, listener, agentcast::shutdown::signal()).await
     });
     // Sessions that ignored the drain must not keep the process alive.
@@ -89,7 +99,9 @@ fn token(args: agentcast::config::TokenArgs) -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),

@@ -54,16 +54,56 @@ impl Metrics {
             delivery_latency: Histogram::new(exponential_buckets(0.000_01, 2.5, 15)),
             registry: Registry::default(),
         };
-        registry.register("agentcast_connections", "WebSocket connections accepted", m.connections_total.clone());
-        registry.register("agentcast_current_connections", "WebSocket connections open now", m.connections_current.clone());
-        registry.register("agentcast_messages_sent", "Frames delivered to clients", m.messages_sent.clone());
-        registry.register("agentcast_messages_published", "Messages accepted for publishing", m.messages_published.clone());
-        registry.register("agentcast_messages_replayed", "Frames replayed from history on resume", m.messages_replayed.clone());
-        registry.register("agentcast_slow_consumer_disconnects", "Connections closed 4503 on queue overflow", m.slow_consumer_disconnects.clone());
-        registry.register("agentcast_auth_failures", "Refused credentials", m.auth_failures.clone());
-        registry.register("agentcast_rate_limited", "Connections closed 4429", m.rate_limited.clone());
-        registry.register("agentcast_publish_duration_seconds", "Publish request to 202", m.publish_duration.clone());
-        registry.register("agentcast_delivery_latency_seconds", "Accepted publish to frame written to the socket", m.delivery_latency.clone());
+        registry.register(
+            "agentcast_connections",
+            "WebSocket connections accepted",
+            m.connections_total.clone(),
+        );
+        registry.register(
+            "agentcast_current_connections",
+            "WebSocket connections open now",
+            m.connections_current.clone(),
+        );
+        registry.register(
+            "agentcast_messages_sent",
+            "Frames delivered to clients",
+            m.messages_sent.clone(),
+        );
+        registry.register(
+            "agentcast_messages_published",
+            "Messages accepted for publishing",
+            m.messages_published.clone(),
+        );
+        registry.register(
+            "agentcast_messages_replayed",
+            "Frames replayed from history on resume",
+            m.messages_replayed.clone(),
+        );
+        registry.register(
+            "agentcast_slow_consumer_disconnects",
+            "Connections closed 4503 on queue overflow",
+            m.slow_consumer_disconnects.clone(),
+        );
+        registry.register(
+            "agentcast_auth_failures",
+            "Refused credentials",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "agentcast_rate_limited",
+            "Connections closed 4429",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "agentcast_publish_duration_seconds",
+            "Publish request to 202",
+            m.publish_duration.clone(),
+        );
+        registry.register(
+            "agentcast_delivery_latency_seconds",
+            "Accepted publish to frame written to the socket",
+            m.delivery_latency.clone(),
+        );
         Metrics { registry, ..m }
     }
 

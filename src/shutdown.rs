@@ -55,7 +55,9 @@ impl Shutdown {
     /// Returns whether everything finished.
     pub async fn wait_drained(&self, timeout: Duration) -> bool {
         self.tracker.close();
-        tokio::time::timeout(timeout, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_ok()
     }
 }
 

@@ -125,13 +125,24 @@ impl Hub {
         let tenant = self.tenant(tenant);
         let mut guard = tenant.lock();
         let state = self.state(&mut guard);
-        let envelope = Arc::new(Envelope::encode(kind, data, &id, state.log.next_seq(), &ts, target));
+        let envelope = Arc::new(Envelope::encode(
+            kind,
+            data,
+            &id,
+            state.log.next_seq(),
+            &ts,
+            target,
+        ));
         let recipients = state.fan_out(&envelope);
         let seq = envelope.seq;
         state.log.push(envelope);
         drop(guard);
         self.inner.metrics.messages_published.inc();
-        Receipt { id, seq, recipients }
+        Receipt {
+            id,
+            seq,
+            recipients,
+        }
     }
 
     /// Registers a connection of `user` in `tenant`, with its resume snapshot when
@@ -161,9 +172,17 @@ impl Hub {
             Some((existing, _)) => Arc::clone(existing),
             None => Arc::from(user),
         };
-        let id = self.inner.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let id = self
+            .inner
+            .next_connection_id
+            .fetch_add(1, Ordering::Relaxed);
         let outbox = Arc::new(Outbox::new(self.inner.limits.send_queue));
-        state.connections.insert(id, Connection { outbox: Arc::clone(&outbox) });
+        state.connections.insert(
+            id,
+            Connection {
+                outbox: Arc::clone(&outbox),
+            },
+        );
         state.users.entry(Arc::clone(&user)).or_default().push(id);
         let snapshot = Snapshot {
             epoch: state.log.epoch().to_owned(),
@@ -173,16 +192,27 @@ impl Hub {
         drop(guard);
         self.inner.metrics.connections_total.inc();
         self.inner.metrics.connections_current.inc();
-        let membership = Membership { hub: self.clone(), tenant, id, user, outbox };
+        let membership = Membership {
+            hub: self.clone(),
+            tenant,
+            id,
+            user,
+            outbox,
+        };
         Ok((membership, snapshot))
     }
 
     /// Open connections of `user` in `tenant` (on this node).
     pub fn presence(&self, tenant: &str, user: &str) -> usize {
         let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
-        let Some(tenant) = tenants.get(tenant) else { return 0 };
+        let Some(tenant) = tenants.get(tenant) else {
+            return 0;
+        };
         let guard = tenant.lock();
-        guard.as_ref().and_then(|s| s.users.get(user)).map_or(0, Vec::len)
+        guard
+            .as_ref()
+            .and_then(|s| s.users.get(user))
+            .map_or(0, Vec::len)
     }
 
     /// Open connections on this node.
@@ -191,10 +221,20 @@ impl Hub {
     }
 
     fn tenant(&self, name: &str) -> Arc<Tenant> {
-        if let Some(tenant) = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+        if let Some(tenant) = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
             return Arc::clone(tenant);
         }
-        let mut tenants = self.inner.tenants.write().unwrap_or_else(|p| p.into_inner());
+        let mut tenants = self
+            .inner
+            .tenants
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         Arc::clone(tenants.entry(name.into()).or_default())
     }
 
@@ -260,7 +300,12 @@ mod tests {
     use outbox::Taken;
 
     fn hub(per_user: usize, total: usize) -> Hub {
-        let limits = Limits { history_size: 100, send_queue: 16, max_connections: total, max_connections_per_user: per_user };
+        let limits = Limits {
+            history_size: 100,
+            send_queue: 16,
+            max_connections: total,
+            max_connections_per_user: per_user,
+        };
         Hub::new(limits, Arc::new(Metrics::new()))
     }
 
@@ -294,9 +339,15 @@ mod tests {
     fn limits_refuse_and_unregister_frees_the_slot() {
         let hub = hub(1, 2);
         let (first, _) = hub.register("t", "alice", None).unwrap();
-        assert_eq!(hub.register("t", "alice", None).unwrap_err(), Refusal::UserFull);
+        assert_eq!(
+            hub.register("t", "alice", None).unwrap_err(),
+            Refusal::UserFull
+        );
         let (_bob, _) = hub.register("t", "bob", None).unwrap();
-        assert_eq!(hub.register("t", "carol", None).unwrap_err(), Refusal::ServerFull);
+        assert_eq!(
+            hub.register("t", "carol", None).unwrap_err(),
+            Refusal::ServerFull
+        );
         assert_eq!(hub.presence("t", "alice"), 1);
         drop(first);
         assert_eq!(hub.presence("t", "alice"), 0);
@@ -314,7 +365,10 @@ mod tests {
         hub.publish("t", "x", &data(), Target::Broadcast);
         let replay = snapshot.replay.unwrap();
         assert!(replay.complete);
-        assert_eq!(replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [2, 3]
+        );
         assert_eq!(seqs(&member), [4]);
     }
 }

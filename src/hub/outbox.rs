@@ -37,7 +37,11 @@ pub enum Taken {
 
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
-        Outbox { state: Mutex::default(), waker: AtomicWaker::new(), capacity }
+        Outbox {
+            state: Mutex::default(),
+            waker: AtomicWaker::new(),
+            capacity,
+        }
     }
 
     /// Queues `envelope`; returns false (and marks the outbox) if it is full.
@@ -89,7 +93,9 @@ impl Outbox {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the queue inconsistent.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -99,7 +105,14 @@ mod tests {
     use crate::hub::wire::Target;
     fn envelope(seq: u64) -> Arc<Envelope> {
         let data = serde_json::json!({});
-        Arc::new(Envelope::encode("t", &data, "id", seq, "ts", Target::Broadcast))
+        Arc::new(Envelope::encode(
+            "t",
+            &data,
+            "id",
+            seq,
+            "ts",
+            Target::Broadcast,
+        ))
     }
 
     #[test]
@@ -118,9 +131,13 @@ mod tests {
         for seq in 1..=3 {
             assert!(outbox.push(&envelope(seq)));
         }
-        let Taken::Frames(frames) = outbox.take() else { panic!("not overflowed") };
+        let Taken::Frames(frames) = outbox.take() else {
+            panic!("not overflowed")
+        };
         assert_eq!(frames.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        let Taken::Frames(frames) = outbox.take() else { panic!("not overflowed") };
+        let Taken::Frames(frames) = outbox.take() else {
+            panic!("not overflowed")
+        };
         assert!(frames.is_empty());
     }
 }

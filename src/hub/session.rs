@@ -92,13 +92,19 @@ enum Event {
 }
 
 /// Runs an authenticated connection until it closes.
-pub async fn run<S>(mut ws: WebSocketStream<S>, config: Arc<SessionConfig>, claims: Claims, resume: Option<Resume>)
-where
+pub async fn run<S>(
+    mut ws: WebSocketStream<S>,
+    config: Arc<SessionConfig>,
+    claims: Claims,
+    resume: Option<Resume>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let registered = config
-        .hub
-        .register(&claims.tenant, &claims.sub, resume.as_ref().map(|r| (r.since, r.epoch.as_str())));
+    let registered = config.hub.register(
+        &claims.tenant,
+        &claims.sub,
+        resume.as_ref().map(|r| (r.since, r.epoch.as_str())),
+    );
     let (membership, snapshot) = match registered {
         Ok(registered) => registered,
         Err(refusal) => {
@@ -177,9 +183,15 @@ pub async fn close_socket<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &'s
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
     let deadline = Instant::now() + CLOSE_GRACE;
-    if tokio::time::timeout_at(deadline, ws.close(Some(frame))).await.is_err() {
+    if tokio::time::timeout_at(deadline, ws.close(Some(frame)))
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = tokio::time::timeout_at(deadline, async {
@@ -305,11 +317,15 @@ impl Session {
     fn on_flushed(&mut self) {
         self.dirty = false;
         let metrics = self.config.hub.metrics();
-        metrics.messages_sent.inc_by(std::mem::take(&mut self.unflushed_frames));
+        metrics
+            .messages_sent
+            .inc_by(std::mem::take(&mut self.unflushed_frames));
         if !self.in_flight.is_empty() {
             let now = std::time::Instant::now();
             for envelope in &self.in_flight {
-                metrics.delivery_latency.observe(now.duration_since(envelope.published_at).as_secs_f64());
+                metrics
+                    .delivery_latency
+                    .observe(now.duration_since(envelope.published_at).as_secs_f64());
             }
             // Drop rather than clear: an idle connection keeps no buffer.
             self.in_flight = VecDeque::new();
@@ -336,7 +352,9 @@ impl Session {
     }
 
     fn next_deadline(&self) -> Instant {
-        self.token_deadline.min(self.next_ping).min(self.last_heard + self.config.idle_timeout)
+        self.token_deadline
+            .min(self.next_ping)
+            .min(self.last_heard + self.config.idle_timeout)
     }
 
     fn on_message<S>(&mut self, ws: &mut WebSocketStream<S>, message: Message) -> Result<(), Ending>
@@ -352,7 +370,10 @@ impl Session {
                 let reply = self.on_text(text.as_str());
                 self.send_text(ws, reply)
             }
-            Message::Binary(_) => Err(Ending::Close(close::BINARY, "binary frames are not supported")),
+            Message::Binary(_) => Err(Ending::Close(
+                close::BINARY,
+                "binary frames are not supported",
+            )),
             // tungstenite queued the pong; make sure it goes out.
             Message::Ping(_) => {
                 self.dirty = true;
@@ -368,7 +389,10 @@ impl Session {
         let frame: ClientFrame = match serde_json::from_str(text) {
             Ok(frame) => frame,
             Err(_) => {
-                return wire::error_frame("invalid_frame", "frames must be JSON objects with a string \"type\"")
+                return wire::error_frame(
+                    "invalid_frame",
+                    "frames must be JSON objects with a string \"type\"",
+                )
             }
         };
         match frame.kind.as_str() {
@@ -387,13 +411,23 @@ impl Session {
     /// Replaces the connection's token; the new one must be for the same user and
     /// tenant and expire later.
     fn refresh(&mut self, data: &serde_json::Value) -> Result<u64, (&'static str, &'static str)> {
-        let token = data.get("token").and_then(|t| t.as_str()).ok_or(("invalid_frame", "refresh needs data.token"))?;
-        let claims = self.config.auth.verify(token).map_err(|_| ("invalid_token", "token refused"))?;
+        let token = data
+            .get("token")
+            .and_then(|t| t.as_str())
+            .ok_or(("invalid_frame", "refresh needs data.token"))?;
+        let claims = self
+            .config
+            .auth
+            .verify(token)
+            .map_err(|_| ("invalid_token", "token refused"))?;
         if claims.sub != self.claims.sub || claims.tenant != self.claims.tenant {
             return Err(("token_mismatch", "token is for another user or tenant"));
         }
         if claims.exp <= self.claims.exp {
-            return Err(("token_not_later", "token does not expire later than the current one"));
+            return Err((
+                "token_not_later",
+                "token does not expire later than the current one",
+            ));
         }
         self.token_deadline = deadline_of(claims.exp, self.config.leeway);
         let exp = claims.exp;
@@ -419,13 +453,16 @@ fn write<S>(ws: &mut WebSocketStream<S>, message: impl Into<Message>) -> Result<
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    ws.start_send_unpin(message.into()).map_err(|_| Ending::PeerGone)
+    ws.start_send_unpin(message.into())
+        .map_err(|_| Ending::PeerGone)
 }
 
 fn read_failure(error: WsError) -> Ending {
     use tokio_tungstenite::tungstenite::error::CapacityError;
     match error {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Ending::Close(close::TOO_BIG, "frame too large"),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Ending::Close(close::TOO_BIG, "frame too large")
+        }
         WsError::Capacity(_) => Ending::Close(close::TOO_BIG, "frame too large"),
         WsError::Protocol(_) | WsError::Utf8(_) => Ending::Close(close::PROTOCOL, "protocol error"),
         _ => Ending::PeerGone,
@@ -450,7 +487,12 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(rate: f64, burst: f64) -> Self {
-        TokenBucket { tokens: burst, rate, burst, last: Instant::now() }
+        TokenBucket {
+            tokens: burst,
+            rate,
+            burst,
+            last: Instant::now(),
+        }
     }
 
     fn take(&mut self, now: Instant) -> bool {

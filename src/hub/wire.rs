@@ -47,9 +47,21 @@ struct Wire<'a> {
 
 impl Envelope {
     pub fn encode(kind: &str, data: &Value, id: &str, seq: u64, ts: &str, target: Target) -> Self {
-        let wire = Wire { kind, data, id, seq, ts };
-        let text = serde_json::to_string(&wire).expect("JSON values and plain strings always serialize");
-        Envelope { seq, target, text: Utf8Bytes::from(text), published_at: Instant::now() }
+        let wire = Wire {
+            kind,
+            data,
+            id,
+            seq,
+            ts,
+        };
+        let text =
+            serde_json::to_string(&wire).expect("JSON values and plain strings always serialize");
+        Envelope {
+            seq,
+            target,
+            text: Utf8Bytes::from(text),
+            published_at: Instant::now(),
+        }
     }
 }
 
@@ -59,7 +71,10 @@ pub fn control(kind: &str, data: Value) -> Utf8Bytes {
 }
 
 pub fn error_frame(code: &str, message: &str) -> Utf8Bytes {
-    control("error", serde_json::json!({"code": code, "message": message}))
+    control(
+        "error",
+        serde_json::json!({"code": code, "message": message}),
+    )
 }
 
 /// Types the server sends on its own; nobody may publish them.
@@ -91,7 +106,14 @@ mod tests {
     #[test]
     fn envelope_has_the_fixed_fields() {
         let data = serde_json::json!({"task_id": "t1"});
-        let env = Envelope::encode("task_update", &data, "id-1", 7, "2026-01-01T00:00:00.000Z", Target::Broadcast);
+        let env = Envelope::encode(
+            "task_update",
+            &data,
+            "id-1",
+            7,
+            "2026-01-01T00:00:00.000Z",
+            Target::Broadcast,
+        );
         let parsed: Value = serde_json::from_str(env.text.as_str()).unwrap();
         assert_eq!(parsed["type"], "task_update");
         assert_eq!(parsed["data"]["task_id"], "t1");
@@ -105,6 +127,9 @@ mod tests {
         let ts = timestamp();
         assert_eq!(ts.len(), 24, "{ts}");
         assert!(ts.ends_with('Z'));
-        assert!(time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339).is_ok());
+        assert!(
+            time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339)
+                .is_ok()
+        );
     }
 }
