@@ -16,6 +16,7 @@
 //! - [`log`]: per-tenant `seq`, `epoch`, history and the resume rule.
 //! - [`metrics`]: counters and histograms behind `/api/v1/ws/stats` and `/metrics`.
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
+//! - [`store`]: the SQLite file — accounts, API keys, durable tenant logs, views.
 //! - [`bench`]: the load tool (`agentcast bench`).
 //!
 //! A message's path: `routes::publish` validates it, `hub::Hub::publish` gives it
@@ -35,3 +36,4 @@ pub mod log;
 pub mod metrics;
 pub mod routes;
 pub mod shutdown;
+pub mod store;

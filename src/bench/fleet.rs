@@ -1,0 +1,591 @@
+//! The receiving side: many authenticated WebSocket connections, each one task
+//! that counts what it receives, checks it, and hands its tally back at the end.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::SEC_WEBSOCKET_PROTOCOL;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Clock, Endpoint, Identity};
+
+/// Longest a connection may take from TCP connect to its `connected` frame.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a connection waits to send its Close frame when the run ends.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Loopback source addresses used: each has its own ephemeral port range, so
+/// together they allow millions of connections to one server port.
+const SOURCE_ADDRESSES: usize = 250;
+
+/// Counters every connection updates, so the runner can watch a phase without
+/// stopping the connections.
+#[derive(Debug)]
+pub struct Progress {
+    pub connected: AtomicUsize,
+    pub failed: AtomicUsize,
+    /// Connections the server closed (or that broke) after their `connected` frame.
+    pub dropped: AtomicUsize,
+    /// `bench` messages received, all connections together.
+    pub received: AtomicU64,
+    /// Connections open now, per user index: what a publish addresses.
+    alive: Vec<AtomicU32>,
+    /// Why connections failed to open, with counts. Only failure paths lock it.
+    failures: Mutex<BTreeMap<String, usize>>,
+    /// Why open connections ended early, with counts.
+    drops: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Progress {
+    fn new(users: usize) -> Progress {
+        Progress {
+            connected: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            dropped: AtomicUsize::new(0),
+            received: AtomicU64::new(0),
+            alive: (0..users).map(|_| AtomicU32::new(0)).collect(),
+            failures: Mutex::default(),
+            drops: Mutex::default(),
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        self.connected
+            .load(Ordering::Relaxed)
+            .saturating_sub(dropped)
+    }
+
+    /// Open connections per user index, at this moment.
+    pub fn alive_by_user(&self) -> Vec<u64> {
+        self.alive
+            .iter()
+            .map(|n| u64::from(n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Reasons connections failed to open, most frequent first.
+    pub fn failures(&self) -> Vec<(String, usize)> {
+        by_count(&self.failures)
+    }
+
+    /// Reasons open connections ended, most frequent first.
+    pub fn drops(&self) -> Vec<(String, usize)> {
+        by_count(&self.drops)
+    }
+
+    fn fail(&self, why: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.failures).entry(why).or_default() += 1;
+    }
+
+    fn drop_connection(&self, user: usize, why: String) {
+        self.alive[user].fetch_sub(1, Ordering::Relaxed);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.drops).entry(why).or_default() += 1;
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicking connection task must not hide the others' errors.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn by_count(map: &Mutex<BTreeMap<String, usize>>) -> Vec<(String, usize)> {
+    let mut list: Vec<_> = lock(map).iter().map(|(k, v)| (k.clone(), *v)).collect();
+    list.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    list
+}
+
+/// What one connection saw, handed back when the fleet closes.
+#[derive(Debug, Default)]
+pub struct ConnReport {
+    /// Index into the identities: who this connection is.
+    pub user: usize,
+    pub connected: bool,
+    /// When the server closed it (or it broke), on the run's clock.
+    pub dropped_ns: Option<u64>,
+    pub received: u64,
+    /// Messages whose target was another user.
+    pub misrouted: u64,
+    /// Messages whose `seq` was not above the previous one: duplicates or reordering.
+    pub out_of_order: u64,
+    /// Frames that were not `bench` messages (e.g. error frames).
+    pub other: u64,
+    pub last_recv_ns: u64,
+    /// Publish-to-receive time of every message, in nanoseconds.
+    pub latencies_ns: Vec<u64>,
+    /// Highest `seq` seen so far.
+    pub last_seq: u64,
+}
+
+/// What a receiver needs from a `bench` message.
+#[derive(Debug, PartialEq, Eq)]
+struct BenchFrame<'a> {
+    seq: u64,
+    /// When the POST was sent, on the run's clock.
+    sent_ns: u64,
+    /// Target user of a user-addressed message.
+    target: Option<Cow<'a, str>>,
+}
+
+impl<'a> BenchFrame<'a> {
+    /// The frame's fields, or `None` for anything that is not a `bench` message.
+    fn read(text: &'a str) -> Option<BenchFrame<'a>> {
+        Self::scan(text).or_else(|| Self::parse(text))
+    }
+
+    /// Reads the layout the server writes, without a JSON parser:
+    /// `{"type":"bench","data":{<flat keys>},"id":"<uuid>","seq":<n>,...`.
+    /// Receiving is most of the bench's CPU and a full parse of every frame cost
+    /// a fifth of it; anything unexpected (another order, an escape) falls back
+    /// to [`Self::parse`].
+    fn scan(text: &'a str) -> Option<BenchFrame<'a>> {
+        let mut rest = text.strip_prefix(r#"{"type":"bench","data":{"#)?;
+        let (mut sent_ns, mut target) = (None, None);
+        loop {
+            let key;
+            (key, rest) = take_string(rest)?;
+            rest = rest.strip_prefix(':')?;
+            if rest.starts_with('"') {
+                let value;
+                (value, rest) = take_string(rest)?;
+                if key == "u" {
+                    target = Some(Cow::Borrowed(value));
+                }
+            } else {
+                let value;
+                (value, rest) = take_number(rest)?;
+                if key == "t" {
+                    sent_ns = Some(value);
+                }
+            }
+            match rest.as_bytes().first()? {
+                b',' => rest = &rest[1..],
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        rest = rest.strip_prefix(r#"},"id":"#)?;
+        (_, rest) = take_string(rest)?;
+        let (seq, _) = take_number(rest.strip_prefix(r#","seq":"#)?)?;
+        Some(BenchFrame {
+            seq,
+            sent_ns: sent_ns?,
+            target,
+        })
+    }
+
+    /// The slow path, for JSON laid out differently.
+    fn parse(text: &'a str) -> Option<BenchFrame<'a>> {
+        #[derive(Deserialize)]
+        struct Incoming<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: Cow<'a, str>,
+            #[serde(default)]
+            seq: u64,
+            #[serde(borrow)]
+            data: Stamp<'a>,
+        }
+        #[derive(Deserialize)]
+        struct Stamp<'a> {
+            t: u64,
+            #[serde(default, borrow)]
+            u: Option<Cow<'a, str>>,
+        }
+        let incoming: Incoming<'a> = serde_json::from_str(text).ok()?;
+        (incoming.kind == "bench").then_some(BenchFrame {
+            seq: incoming.seq,
+            sent_ns: incoming.data.t,
+            target: incoming.data.u,
+        })
+    }
+}
+
+/// A JSON string without escapes at the start of `text`, and what follows it.
+fn take_string(text: &str) -> Option<(&str, &str)> {
+    let body = text.strip_prefix('"')?;
+    let end = body.find('"')?;
+    let value = &body[..end];
+    // An escape means the quote found may be escaped too: leave it to the parser.
+    (!value.contains('\\')).then_some((value, &body[end + 1..]))
+}
+
+/// An unsigned integer at the start of `text`, and what follows it.
+fn take_number(text: &str) -> Option<(u64, &str)> {
+    let end = text
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(text.len());
+    Some((text[..end].parse().ok()?, &text[end..]))
+}
+
+impl ConnReport {
+    fn observe(&mut self, text: &str, user_id: &str, clock: Clock, progress: &Progress) {
+        let now = clock.now_ns();
+        let Some(frame) = BenchFrame::read(text) else {
+            self.other += 1;
+            return;
+        };
+        self.received += 1;
+        progress.received.fetch_add(1, Ordering::Relaxed);
+        self.last_recv_ns = now;
+        self.latencies_ns.push(now.saturating_sub(frame.sent_ns));
+        if frame.target.is_some_and(|target| target != user_id) {
+            self.misrouted += 1;
+        }
+        if frame.seq <= self.last_seq {
+            self.out_of_order += 1;
+        }
+        self.last_seq = self.last_seq.max(frame.seq);
+    }
+}
+
+/// The open connections of a run.
+pub struct Fleet {
+    pub progress: Arc<Progress>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<ConnReport>>,
+}
+
+impl Fleet {
+    /// Opens `conns` connections, connection `i` as `identities[i % len]`, with at
+    /// most `concurrency` handshakes in flight. Returns when every connection has
+    /// received its `connected` frame or failed.
+    pub async fn open(
+        endpoint: Arc<Endpoint>,
+        identities: &[Identity],
+        conns: usize,
+        concurrency: usize,
+        clock: Clock,
+    ) -> Fleet {
+        let concurrency = concurrency.clamp(1, Semaphore::MAX_PERMITS);
+        let progress = Arc::new(Progress::new(identities.len()));
+        let stop = CancellationToken::new();
+        let url: Arc<str> = format!("ws://{}/api/v1/ws/connect", endpoint.authority).into();
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = Vec::with_capacity(conns);
+        for i in 0..conns {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let user = i % identities.len();
+            let conn = Connection {
+                index: i,
+                user,
+                identity: identities[user].clone(),
+                endpoint: endpoint.clone(),
+                url: url.clone(),
+                progress: progress.clone(),
+                clock,
+            };
+            tasks.push(tokio::spawn(conn.run(permit, stop.clone())));
+        }
+        // Each task returns its permit once its handshake is settled either way, so
+        // holding them all means every connection is open or has failed.
+        let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+        drop(permits.acquire_many(all).await);
+        Fleet {
+            progress,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Closes every connection and collects what each one saw.
+    pub async fn close(self) -> Vec<ConnReport> {
+        self.stop.cancel();
+        let mut reports = Vec::with_capacity(self.tasks.len());
+        for task in self.tasks {
+            // A task that panicked has nothing to report; the others still count.
+            if let Ok(report) = task.await {
+                reports.push(report);
+            }
+        }
+        reports
+    }
+}
+
+struct Connection {
+    index: usize,
+    user: usize,
+    identity: Identity,
+    endpoint: Arc<Endpoint>,
+    url: Arc<str>,
+    progress: Arc<Progress>,
+    clock: Clock,
+}
+
+impl Connection {
+    async fn run(self, permit: OwnedSemaphorePermit, stop: CancellationToken) -> ConnReport {
+        let mut report = ConnReport {
+            user: self.user,
+            ..ConnReport::default()
+        };
+        let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()).await;
+        // The counters are updated before the permit goes back: the opener reads
+        // them as soon as it holds every permit.
+        let mut ws = match opened {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(why)) => {
+                self.progress.fail(why);
+                return report;
+            }
+            Err(_) => {
+                self.progress
+                    .fail(format!("no connected frame within {HANDSHAKE_TIMEOUT:?}"));
+                return report;
+            }
+        };
+        report.connected = true;
+        self.progress.alive[self.user].fetch_add(1, Ordering::Relaxed);
+        self.progress.connected.fetch_add(1, Ordering::Relaxed);
+        drop(permit);
+
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
+        let ended = loop {
+            tokio::select! {
+                biased;
+                () = &mut stopped => {
+                    // A Close frame is polite; the socket is dropped right after anyway.
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+                    break None;
+                }
+                frame = ws.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        report.observe(&text, &self.identity.user_id, self.clock, &self.progress);
+                    }
+                    Some(Ok(Message::Close(frame))) => break Some(close_reason(frame)),
+                    // tungstenite answers Pings itself on the next read.
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break Some(format!("read: {e}")),
+                    None => break Some("the server closed the TCP connection".to_owned()),
+                },
+            }
+        };
+        if let Some(why) = ended {
+            report.dropped_ns = Some(self.clock.now_ns());
+            self.progress.drop_connection(self.user, why);
+        }
+        report
+    }
+
+    /// TCP connect from a spread source address, WebSocket upgrade with the token
+    /// as subprotocol, then the `connected` frame that says the token was accepted.
+    async fn handshake(&self) -> Result<WebSocketStream<TcpStream>, String> {
+        let addr = self.endpoint.addr;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| format!("socket: {e}"))?;
+        if let Some(source) = source_address(self.index, addr.ip()) {
+            socket
+                .bind(SocketAddr::new(source, 0))
+                .map_err(|e| format!("bind {source}: {e}"))?;
+        }
+        let stream = socket
+            .connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+
+        let mut request = (*self.url)
+            .into_client_request()
+            .map_err(|e| format!("request: {e}"))?;
+        let protocol = HeaderValue::from_str(&format!("token, {}", self.identity.token))
+            .map_err(|_| "the token is not a valid header value".to_owned())?;
+        request
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, protocol);
+        let (mut ws, _response) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+
+        // The upgrade succeeds even with a bad token (SPEC §4.1): the first frame
+        // tells whether the connection is in.
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) if is_connected(&text) => return Ok(ws),
+                Some(Ok(Message::Text(text))) => {
+                    return Err(format!(
+                        "first frame is not 'connected': {}",
+                        preview(&text)
+                    ))
+                }
+                Some(Ok(Message::Close(frame))) => return Err(close_reason(frame)),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(format!("read: {e}")),
+                None => return Err("closed before the connected frame".to_owned()),
+            }
+        }
+    }
+}
+
+/// Slow path of the `connected` check, for servers that order fields differently.
+fn is_connected(text: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+    }
+    serde_json::from_str::<Kind<'_>>(text).is_ok_and(|k| k.kind == "connected")
+}
+
+/// Source address for connection `i`: spread over 127.0.0.1–250 when the server is
+/// on loopback, the kernel's choice otherwise (127.0.0.x cannot reach elsewhere).
+fn source_address(i: usize, server: IpAddr) -> Option<IpAddr> {
+    match server {
+        IpAddr::V4(ip) if ip.is_loopback() => {
+            let host = u8::try_from(1 + i % SOURCE_ADDRESSES).expect("below 256");
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)))
+        }
+        _ => None,
+    }
+}
+
+fn ws_config() -> WebSocketConfig {
+    // tungstenite zero-fills its read buffer on every read; the 128 KiB default
+    // would make 10k clients on one core measure memset instead of the server.
+    // Writes (Pongs, the final Close) go out at once instead of being buffered.
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024)
+}
+
+fn close_reason(frame: Option<CloseFrame>) -> String {
+    match frame {
+        Some(frame) if frame.reason.is_empty() => format!("closed {}", u16::from(frame.code)),
+        Some(frame) => format!(
+            "closed {}: {}",
+            u16::from(frame.code),
+            preview(&frame.reason)
+        ),
+        None => "closed without a code".to_owned(),
+    }
+}
+
+fn preview(text: &str) -> String {
+    match text.char_indices().nth(120) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observe(report: &mut ConnReport, text: &str, user: &str) {
+        let clock = Clock(std::time::Instant::now());
+        report.observe(text, user, clock, &Progress::new(1));
+    }
+
+    #[test]
+    fn receivers_count_misrouted_and_out_of_order_messages() {
+        let mut report = ConnReport::default();
+        observe(
+            &mut report,
+            r#"{"type":"bench","data":{"t":0,"u":"u1"},"id":"a","seq":5,"ts":"x"}"#,
+            "u1",
+        );
+        observe(
+            &mut report,
+            r#"{"type":"bench","data":{"t":0,"u":"u2"},"id":"b","seq":6,"ts":"x"}"#,
+            "u1",
+        );
+        observe(
+            &mut report,
+            r#"{"type":"bench","data":{"t":0},"id":"c","seq":6,"ts":"x"}"#,
+            "u1",
+        );
+        observe(
+            &mut report,
+            r#"{"type":"system","data":"hello","seq":7}"#,
+            "u1",
+        );
+        assert_eq!(report.received, 3);
+        assert_eq!(report.misrouted, 1);
+        assert_eq!(report.out_of_order, 1);
+        assert_eq!(report.other, 1);
+        assert_eq!(report.latencies_ns.len(), 3);
+    }
+
+    #[test]
+    fn the_fast_scan_agrees_with_the_parser() {
+        let frames = [
+            r#"{"type":"bench","data":{"i":4,"t":123,"u":"u9"},"id":"9096-ab58","seq":77,"ts":"2026-01-01T00:00:00.000Z"}"#,
+            r#"{"type":"bench","data":{"i":0,"t":5},"id":"x","seq":1,"ts":"2026-01-01T00:00:00.000Z"}"#,
+        ];
+        for frame in frames {
+            assert_eq!(BenchFrame::scan(frame), BenchFrame::parse(frame), "{frame}");
+            assert!(BenchFrame::scan(frame).is_some());
+        }
+        assert_eq!(
+            BenchFrame::scan(r#"{"type":"bench","data":{"t":1,"u":"a\"b"},"id":"x","seq":1}"#),
+            None
+        );
+        let spaced = r#"{"seq": 3, "data": {"u": "u\u0031", "t": 9}, "type": "bench"}"#;
+        assert_eq!(
+            BenchFrame::read(spaced),
+            Some(BenchFrame {
+                seq: 3,
+                sent_ns: 9,
+                target: Some(Cow::Borrowed("u1"))
+            })
+        );
+        assert_eq!(
+            BenchFrame::read(r#"{"type":"connected","data":{"seq":0}}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn sources_spread_over_loopback_only() {
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        assert_eq!(
+            source_address(0, loopback),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)))
+        );
+        assert_eq!(
+            source_address(249, loopback),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 250)))
+        );
+        assert_eq!(
+            source_address(250, loopback),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)))
+        );
+        assert_eq!(
+            source_address(3, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+            None
+        );
+    }
+
+    #[test]
+    fn connected_frames_are_recognised_in_any_field_order() {
+        assert!(is_connected(r#"{"data":{"seq":0},"type":"connected"}"#));
+        assert!(!is_connected(r#"{"type":"error","data":{}}"#));
+    }
+}

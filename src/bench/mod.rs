@@ -1,0 +1,332 @@
+//! The load tool, `agentcast bench` (SPEC §9).
+//!
+//! It drives a running server through its public API only, the way real clients
+//! do, and measures what the performance issue asks for:
+//!
+//! - **idle**: memory per idle authenticated connection (the server's RSS delta
+//!   divided by the connections held open) and the server CPU spent per accepted
+//!   connection (handshake, JWT check, registration).
+//! - **fanout**: broadcasts to many connections as fast as the publishers can
+//!   post them: deliveries per second, messages lost, server CPU per delivery.
+//! - **rate**: broadcasts at a fixed rate: publish-to-receive latency p50/p99/max.
+//! - **to-user**: user-addressed sends with several POSTs in flight: POSTs per
+//!   second, lost and misrouted messages (a connection receiving a message
+//!   addressed to another user).
+//!
+//! How: every connection is a real WebSocket authenticated with an HS256 token
+//! the tool mints with the server's secret, in a fresh tenant per run so runs and
+//! other traffic never mix. Connections come from 127.0.0.x source addresses so
+//! the ephemeral port range never limits the count. Publishers are admin POSTs
+//! over keep-alive HTTP/1.1 connections, one per in-flight slot. Each message
+//! carries the time it was posted (nanoseconds since the tool started, one
+//! monotonic clock for both sides), its target user, and gets a `seq` from the
+//! server; receivers check the target, the `seq` order and the latency, and
+//! count per connection, so "lost" is exact: what the 202 answers promised
+//! minus what arrived, per connection. Server RSS and CPU come from
+//! `/proc/<pid>/status` and `/proc/<pid>/stat` when `--server-pid` is given.
+//!
+//! Every wait is bounded: a phase that stops making progress ends and reports
+//! what is missing instead of hanging. The exit status is non-zero when a
+//! message was lost, misrouted or duplicated, so scripts need not parse output.
+//! The summary also says when its own figures are suspect: the bench near a
+//! full core (the load generator is the limit), other processes using the CPUs,
+//! a server that is not fresh (idle RSS), both sides allowed on the same CPU.
+//!
+//! On a 2-core machine pin the two sides apart so they don't measure each other:
+//!
+//! ```text
+//! JWT_SECRET=… taskset -c 0 agentcast serve &
+//! JWT_SECRET=… taskset -c 1 agentcast bench --scenario idle --conns 19000 --server-pid $!
+//! ```
+
+mod fleet;
+mod publisher;
+mod report;
+mod scenarios;
+mod server;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Serialize;
+
+use crate::config::parse_duration;
+
+/// Flags of `agentcast bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "fanout")]
+    pub scenario: Scenario,
+
+    /// Server address (http://host:port); the WebSocket uses the same one.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+
+    /// WebSocket connections to open [default: idle 19000, fanout 10000, rate 1000, to-user 2000].
+    #[arg(long)]
+    pub conns: Option<usize>,
+
+    /// Messages to publish [default: fanout 200, to-user 20000, rate: rate × duration].
+    #[arg(long)]
+    pub messages: Option<u64>,
+
+    /// Broadcasts per second in the rate scenario.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+
+    /// How long idle connections are held before measuring (idle, default 5s), or how
+    /// long to publish (rate, default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Distinct users the connections belong to, round robin [default: one per
+    /// connection; to-user 500]. Mind the server's MAX_CONNECTIONS_PER_USER (20).
+    #[arg(long)]
+    pub users: Option<usize>,
+
+    /// POSTs in flight, each on its own keep-alive HTTP/1.1 connection.
+    #[arg(long, default_value_t = 8)]
+    pub in_flight: usize,
+
+    /// WebSocket handshakes in flight while connecting.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+
+    /// Process id of the server: enables its RSS and CPU figures (from /proc).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// The server's HS256 secret; unset reads DATA_DIR/jwt_secret.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+
+    /// The server's data folder, for its generated jwt_secret.
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Tenant to run in [default: a fresh bench-<random> per run, so runs never mix].
+    #[arg(long)]
+    pub tenant: Option<String>,
+
+    /// Deliveries still missing after this long without progress are reported lost.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Also print the figures as one JSON line (the last line of the output).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The measurements the tool knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Hold connections open: server memory and CPU per connection.
+    Idle,
+    /// Broadcast as fast as possible: deliveries/s, lost, CPU per delivery.
+    Fanout,
+    /// Broadcast at --rate for --duration: publish-to-receive latency.
+    Rate,
+    /// Messages to single users, --in-flight at a time: POSTs/s, lost, misrouted.
+    ToUser,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Fanout => "fanout",
+            Scenario::Rate => "rate",
+            Scenario::ToUser => "to-user",
+        }
+    }
+}
+
+/// Runs `agentcast bench` on its own runtime and prints the summary.
+pub fn main(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Every connection is a file descriptor and the default soft limit is often 1024.
+    let nofile = rlimit::increase_nofile_limit(u64::MAX)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async move {
+        let bench = scenarios::Bench::prepare(args, nofile)?;
+        bench.run().await
+    });
+    // Connection tasks of a failed run must not hold the process open.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(result?)
+}
+
+/// Where the server is.
+#[derive(Debug)]
+struct Endpoint {
+    addr: SocketAddr,
+    /// `host:port` as given, for the `Host` header and the WebSocket URL.
+    authority: String,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Endpoint, String> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| format!("invalid --url '{url}': {e}"))?;
+        match uri.scheme_str() {
+            None | Some("http") | Some("ws") => {}
+            Some(other) => {
+                return Err(format!(
+                    "--url '{url}': only http:// is supported, not {other}://"
+                ))
+            }
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("--url '{url}' has no host"))?;
+        let port = uri.port_u16().unwrap_or(80);
+        let addrs: Vec<SocketAddr> = (host.trim_matches(['[', ']']), port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve '{host}': {e}"))?
+            .collect();
+        // Prefer IPv4: the 127.0.0.x source spreading only exists there.
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| format!("'{host}' resolves to no address"))?;
+        Ok(Endpoint {
+            addr,
+            authority: format!("{host}:{port}"),
+        })
+    }
+}
+
+/// One monotonic clock for the whole run: publishers stamp messages with it and
+/// receivers read it, so latency needs no clock synchronisation.
+#[derive(Debug, Clone, Copy)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A user the connections log in as.
+#[derive(Debug, Clone)]
+struct Identity {
+    user_id: Arc<str>,
+    token: Arc<str>,
+}
+
+/// The claims the server reads (SPEC §2), minted here rather than through
+/// `crate::auth` so the tool only depends on the wire contract.
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    exp: u64,
+    iat: u64,
+    role: &'a str,
+    tenant: &'a str,
+}
+
+/// Mints HS256 tokens with the server's secret.
+struct Minter {
+    key: EncodingKey,
+    header: Header,
+    tenant: String,
+    iat: u64,
+}
+
+impl Minter {
+    fn new(secret: &str, tenant: String) -> Minter {
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Minter {
+            key: EncodingKey::from_secret(secret.as_bytes()),
+            header: Header::new(Algorithm::HS256),
+            tenant,
+            iat,
+        }
+    }
+
+    fn mint(&self, sub: &str, role: &str) -> Result<String, String> {
+        // Long enough for any run; the server checks `exp` at connect and at expiry.
+        let claims = Claims {
+            sub,
+            exp: self.iat + 12 * 3600,
+            iat: self.iat,
+            role,
+            tenant: &self.tenant,
+        };
+        jsonwebtoken::encode(&self.header, &claims, &self.key)
+            .map_err(|e| format!("cannot sign a token: {e}"))
+    }
+}
+
+/// The secret as the server resolves it: the given one, else the generated
+/// `DATA_DIR/jwt_secret` (trimmed). Never creates one: a new secret would not
+/// match the server's.
+fn load_secret(given: Option<&str>, data_dir: &std::path::Path) -> Result<String, String> {
+    if let Some(secret) = given.filter(|s| !s.is_empty()) {
+        return Ok(secret.to_owned());
+    }
+    let path = data_dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if !secret.trim().is_empty() => Ok(secret.trim().to_owned()),
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(e) => Err(format!(
+            "no secret: pass --secret or JWT_SECRET, or --data-dir of the server ({}: {e})",
+            path.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_keeps_host_and_port() {
+        let endpoint = Endpoint::parse("http://127.0.0.1:18080").unwrap();
+        assert_eq!(endpoint.addr, "127.0.0.1:18080".parse().unwrap());
+        assert_eq!(endpoint.authority, "127.0.0.1:18080");
+        assert!(Endpoint::parse("https://127.0.0.1:8443").is_err());
+        assert!(Endpoint::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn minted_tokens_carry_the_claims_the_server_reads() {
+        let minter = Minter::new("bench-secret-bench-secret", "bench-t".to_owned());
+        let token = minter.mint("u7", "admin").unwrap();
+        let key = jsonwebtoken::DecodingKey::from_secret(b"bench-secret-bench-secret");
+        let data = jsonwebtoken::decode::<serde_json::Value>(
+            &token,
+            &key,
+            &jsonwebtoken::Validation::new(Algorithm::HS256),
+        )
+        .unwrap();
+        assert_eq!(data.claims["sub"], "u7");
+        assert_eq!(data.claims["role"], "admin");
+        assert_eq!(data.claims["tenant"], "bench-t");
+    }
+
+    #[test]
+    fn secret_file_is_trimmed_and_never_created() {
+        let dir = std::env::temp_dir().join(format!("agentcast-bench-{}", uuid::Uuid::new_v4()));
+        assert!(load_secret(None, &dir).is_err());
+        assert!(!dir.exists());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("jwt_secret"), "abcdefghijklmnopq\n").unwrap();
+        assert_eq!(load_secret(None, &dir).unwrap(), "abcdefghijklmnopq");
+        assert_eq!(
+            load_secret(Some("given-secret"), &dir).unwrap(),
+            "given-secret"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,764 @@
+//! The runs themselves: connect, (publish, collect), measure, summarise.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::fleet::{ConnReport, Fleet};
+use super::publisher::{self, Address, HttpClient, Plan, PublishReport};
+use super::report::{bytes, count, duration, ms, per_second, round3, Spread, Summary};
+use super::server::{self, ProcProbe, ServerStats};
+use super::{load_secret, BenchArgs, Clock, Endpoint, Identity, Minter, Scenario};
+
+/// How often the runner looks at the counters while it waits.
+const POLL: Duration = Duration::from_millis(10);
+/// How often it samples the server's RSS for the peak.
+const RSS_POLL: Duration = Duration::from_millis(100);
+/// Longest wait for the server to count the closed connections out.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Above this share of one core used by other processes, the figures are suspect.
+const OTHER_LOAD_PERCENT: f64 = 10.0;
+/// Above this share of one core the load generator, not the server, may be the limit.
+const CLIENT_BUSY_PERCENT: f64 = 90.0;
+
+/// A run, fully resolved from the flags.
+pub struct Bench {
+    scenario: Scenario,
+    url: String,
+    endpoint: Arc<Endpoint>,
+    clock: Clock,
+    tenant: String,
+    /// One per user; connection `i` logs in as `identities[i % len]`.
+    identities: Vec<Identity>,
+    admin_token: Arc<str>,
+    server: ProcProbe,
+    own: ProcProbe,
+    /// For the stats endpoint.
+    http: HttpClient,
+    conns: usize,
+    messages: u64,
+    rate: f64,
+    duration: Duration,
+    in_flight: usize,
+    concurrency: usize,
+    timeout: Duration,
+    json: bool,
+    summary: Summary,
+    /// Why the run counts as failed (messages lost, misrouted, duplicated) once printed.
+    verdict: Option<String>,
+}
+
+impl Bench {
+    /// Resolves defaults, checks limits, mints the tokens.
+    pub fn prepare(args: BenchArgs, open_files: u64) -> Result<Bench, String> {
+        let clock = Clock(Instant::now());
+        let scenario = args.scenario;
+        let endpoint = Arc::new(Endpoint::parse(&args.url)?);
+        let conns = args.conns.unwrap_or(match scenario {
+            Scenario::Idle => 19_000,
+            Scenario::Fanout => 10_000,
+            Scenario::Rate => 1_000,
+            Scenario::ToUser => 2_000,
+        });
+        let users = args.users.unwrap_or(match scenario {
+            Scenario::ToUser => 500,
+            _ => conns,
+        });
+        if !(args.rate.is_finite() && args.rate > 0.0) {
+            return Err(format!("--rate must be above 0, not {}", args.rate));
+        }
+        let (messages, duration) = match scenario {
+            Scenario::Idle => (0, args.duration.unwrap_or(Duration::from_secs(5))),
+            Scenario::Rate => match args.messages {
+                Some(m) => (m, Duration::from_secs_f64(m as f64 / args.rate)),
+                None => {
+                    let d = args.duration.unwrap_or(Duration::from_secs(10));
+                    ((d.as_secs_f64() * args.rate).round() as u64, d)
+                }
+            },
+            Scenario::Fanout => (args.messages.unwrap_or(200), Duration::ZERO),
+            Scenario::ToUser => (args.messages.unwrap_or(20_000), Duration::ZERO),
+        };
+        if conns == 0 || users == 0 || args.in_flight == 0 || args.connect_concurrency == 0 {
+            return Err(
+                "--conns, --users, --in-flight and --connect-concurrency must be at least 1".into(),
+            );
+        }
+        // Every connection is a descriptor here, plus publishers and the runtime's own.
+        let needed = (conns + args.in_flight + 64) as u64;
+        if needed > open_files {
+            return Err(format!(
+                "{conns} connections need about {needed} open files but the limit is {open_files}: \
+                 lower --conns or raise the hard limit (ulimit -Hn)"
+            ));
+        }
+
+        let secret = load_secret(args.secret.as_deref(), &args.data_dir)?;
+        let tenant = args.tenant.clone().unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            format!("bench-{}", &id[..8])
+        });
+        let minter = Minter::new(&secret, tenant.clone());
+        let identities = (0..users)
+            .map(|u| {
+                let user_id = format!("u{u}");
+                let token = minter.mint(&user_id, "user")?;
+                Ok(Identity {
+                    user_id: user_id.into(),
+                    token: token.into(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let admin_token = minter.mint("bench-admin", "admin")?.into();
+
+        let mut summary = Summary::default();
+        summary.set("scenario", scenario.name());
+        summary.set("tenant", tenant.as_str());
+        let per_user = conns.div_ceil(users);
+        if per_user > 20 {
+            summary.note(format!(
+                "{per_user} connections per user: above the server's default MAX_CONNECTIONS_PER_USER (20), \
+                 the extra ones are refused with 4429"
+            ));
+        }
+        let server = ProcProbe::new(args.server_pid);
+        let own = ProcProbe::own();
+        match (server.cpus_allowed(), own.cpus_allowed()) {
+            (Some(theirs), Some(ours)) if overlaps(&theirs, &ours) => summary.note(format!(
+                "the server (CPUs {theirs}) and the bench (CPUs {ours}) may share a core; \
+                 pin them apart (taskset -c 0 … serve, taskset -c 1 … bench) for figures that don't measure each other"
+            )),
+            (None, _) if args.server_pid.is_some() => {
+                return Err(format!("no process {} to read /proc of", args.server_pid.unwrap_or(0)))
+            }
+            (None, _) => summary.note("no --server-pid: server memory and CPU figures are skipped"),
+            _ => {}
+        }
+
+        Ok(Bench {
+            scenario,
+            url: args.url,
+            http: HttpClient::new(endpoint.clone()),
+            endpoint,
+            clock,
+            tenant,
+            identities,
+            admin_token,
+            server,
+            own,
+            conns,
+            messages,
+            rate: args.rate,
+            duration,
+            in_flight: args.in_flight,
+            concurrency: args.connect_concurrency,
+            timeout: args.timeout,
+            json: args.json,
+            summary,
+            verdict: None,
+        })
+    }
+
+    pub async fn run(mut self) -> Result<(), String> {
+        self.http
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach the server at {}: {e}", self.url))?;
+        eprintln!(
+            "agentcast bench: {} against {}, tenant {}",
+            self.scenario.name(),
+            self.url,
+            self.tenant
+        );
+        let stats = server::stats(&mut self.http).await;
+        match self.scenario {
+            Scenario::Idle => self.idle(stats).await?,
+            _ => self.traffic(stats).await?,
+        }
+        self.summary.print(self.json);
+        // A non-zero exit lets scripts and CI rely on "nothing lost" without parsing.
+        self.verdict.map_or(Ok(()), Err)
+    }
+
+    /// Memory per idle connection and CPU per accepted connection.
+    async fn idle(&mut self, stats: Option<ServerStats>) -> Result<(), String> {
+        if let Some(stats) = stats.filter(|s| s.total_connections > 0) {
+            self.summary.note(format!(
+                "the server accepted {} connections before this run; memory they freed may be reused, \
+                 so restart it for a true per-connection figure",
+                count(stats.total_connections)
+            ));
+        }
+        let start = self.snapshot();
+        let fleet = self.connect().await?;
+        let connected = fleet.progress.connected.load(Ordering::Relaxed);
+        let connect_end = self.snapshot();
+        self.note_other_load(&start, &connect_end);
+
+        eprintln!("holding them for {}…", duration(nanos(self.duration)));
+        let until = Instant::now() + self.duration;
+        while fleet.progress.open() > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left.min(RSS_POLL)).await;
+        }
+        let held = self.server.sample();
+        let open = fleet.progress.open();
+        self.summary.line(
+            "idle",
+            format!(
+                "{} connections open after {}, {} dropped",
+                count(open as u64),
+                duration(nanos(self.duration)),
+                count(connected.saturating_sub(open) as u64)
+            ),
+        );
+        self.list_drops(&fleet);
+        self.summary.set("conns_held", open as u64);
+        if let (Some(before), Some(after_connect), Some(held)) =
+            (start.server, connect_end.server, held)
+        {
+            let grown = held.rss_bytes as f64 - before.rss_bytes as f64;
+            let per_conn = grown / open.max(1) as f64;
+            self.summary.line(
+                "server",
+                format!(
+                    "RSS {} -> {}: {} per idle connection",
+                    bytes(before.rss_bytes as f64),
+                    bytes(held.rss_bytes as f64),
+                    bytes(per_conn)
+                ),
+            );
+            let cpu = self.server.cpu_seconds(before, after_connect);
+            let per_accept_us = cpu * 1e6 / connected.max(1) as f64;
+            self.summary.line(
+                "server",
+                format!(
+                    "CPU {cpu:.2} s for {} accepted connections: {per_accept_us:.0} µs per connection",
+                    count(connected as u64)
+                ),
+            );
+            self.summary
+                .set("server_rss_before_bytes", before.rss_bytes);
+            self.summary.set("server_rss_held_bytes", held.rss_bytes);
+            self.summary
+                .set("server_rss_per_conn_bytes", per_conn.round());
+            self.summary.set("server_cpu_connect_s", round3(cpu));
+            self.summary
+                .set("server_cpu_per_conn_us", round3(per_accept_us));
+        }
+
+        eprintln!("closing…");
+        fleet.close().await;
+        self.drain(stats).await;
+        if let Some(after) = self.server.sample() {
+            self.summary.line(
+                "server",
+                format!(
+                    "RSS after closing them all: {}",
+                    bytes(after.rss_bytes as f64)
+                ),
+            );
+            self.summary
+                .set("server_rss_after_close_bytes", after.rss_bytes);
+        }
+        Ok(())
+    }
+
+    /// Fan-out, rate and to-user: publish, then count what arrived where and when.
+    async fn traffic(&mut self, stats: Option<ServerStats>) -> Result<(), String> {
+        let fleet = self.connect().await?;
+        // What each publish addresses: the connections open when publishing starts.
+        let alive = fleet.progress.alive_by_user();
+        let address = match self.scenario {
+            Scenario::ToUser => Address::Users(
+                self.identities
+                    .iter()
+                    .map(|id| id.user_id.clone())
+                    .collect(),
+            ),
+            _ => Address::Broadcast,
+        };
+        let broadcast = matches!(address, Address::Broadcast);
+        let plan = Plan {
+            address,
+            messages: self.messages,
+            rate: (self.scenario == Scenario::Rate).then_some(self.rate),
+            in_flight: self.in_flight,
+        };
+        let stats_before = server::stats(&mut self.http).await.or(stats);
+        let start = self.snapshot();
+        let mut peak_rss = start.server.map_or(0, |s| s.rss_bytes);
+        let mut last_rss_poll = Instant::now();
+
+        match plan.rate {
+            Some(rate) => eprintln!(
+                "publishing {} messages at {rate}/s ({} in flight)…",
+                count(plan.messages),
+                plan.in_flight
+            ),
+            None => eprintln!(
+                "publishing {} messages ({} in flight)…",
+                count(plan.messages),
+                plan.in_flight
+            ),
+        }
+        let publishing = tokio::spawn(publisher::publish(
+            self.endpoint.clone(),
+            self.admin_token.clone(),
+            plan.clone(),
+            self.clock,
+        ));
+        while !publishing.is_finished() {
+            self.watch_rss(&mut peak_rss, &mut last_rss_poll);
+            tokio::time::sleep(POLL).await;
+        }
+        let published = publishing
+            .await
+            .map_err(|e| format!("the publisher failed: {e}"))??;
+
+        let expected: u64 = if broadcast {
+            published.accepted * alive.iter().sum::<u64>()
+        } else {
+            published
+                .per_user
+                .iter()
+                .zip(&alive)
+                .map(|(sent, open)| sent * open)
+                .sum()
+        };
+        eprintln!("waiting for {} deliveries…", count(expected));
+        let mut seen = 0;
+        let mut last_progress = Instant::now();
+        loop {
+            let received = fleet.progress.received.load(Ordering::Relaxed);
+            if received >= expected || fleet.progress.open() == 0 {
+                break;
+            }
+            if received != seen {
+                seen = received;
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > self.timeout {
+                break;
+            }
+            self.watch_rss(&mut peak_rss, &mut last_rss_poll);
+            tokio::time::sleep(POLL).await;
+        }
+        let end = self.snapshot();
+        let stats_after = server::stats(&mut self.http).await;
+        if let Some(after) = end.server {
+            peak_rss = peak_rss.max(after.rss_bytes);
+        }
+        self.list_drops(&fleet);
+        let reports = fleet.close().await;
+        let tally = Tally::of(reports, &published, broadcast);
+
+        self.report_publish(&published);
+        self.report_deliveries(&tally, &published);
+        let wall = end.at_ns - start.at_ns;
+        if let (Some(before), Some(after)) = (start.server, end.server) {
+            let cpu = self.server.cpu_seconds(before, after);
+            let per_delivery_us = cpu * 1e6 / tally.received.max(1) as f64;
+            self.summary.line(
+                "server",
+                format!(
+                    "CPU {cpu:.2} s ({:.0}% of a core over {}) = {per_delivery_us:.2} µs per delivery; RSS {} -> peak {}",
+                    cpu * 1e11 / wall.max(1) as f64,
+                    duration(wall),
+                    bytes(before.rss_bytes as f64),
+                    bytes(peak_rss as f64)
+                ),
+            );
+            self.summary.set("server_cpu_s", round3(cpu));
+            self.summary
+                .set("server_cpu_per_delivery_us", round3(per_delivery_us));
+            self.summary.set("server_rss_peak_bytes", peak_rss);
+        }
+        if let (Some(before), Some(after)) = (stats_before, stats_after) {
+            let sent = after.messages_sent.saturating_sub(before.messages_sent);
+            let slow = after
+                .slow_consumer_disconnects
+                .saturating_sub(before.slow_consumer_disconnects);
+            self.summary.line(
+                "stats",
+                format!(
+                    "server counted messages_sent +{}, slow_consumer_disconnects +{slow}",
+                    count(sent)
+                ),
+            );
+            if sent < tally.received {
+                self.summary.note(format!(
+                    "the server's messages_sent grew by {} but the bench received {}",
+                    count(sent),
+                    count(tally.received)
+                ));
+            }
+        }
+        if let (Some(before), Some(after)) = (start.own, end.own) {
+            let cpu = self.own.cpu_seconds(before, after);
+            let percent = cpu * 1e11 / wall.max(1) as f64;
+            self.summary.line(
+                "client",
+                format!("CPU {cpu:.2} s ({percent:.0}% of a core)"),
+            );
+            self.summary.set("client_cpu_percent", percent.round());
+            if percent > CLIENT_BUSY_PERCENT {
+                self.summary.note(format!(
+                    "the bench itself used {percent:.0}% of a core: the figures may be limited by the load generator"
+                ));
+            }
+        }
+        self.note_other_load(&start, &end);
+        self.drain(stats).await;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            at_ns: self.clock.now_ns(),
+            server: self.server.sample(),
+            own: self.own.sample(),
+            machine_ticks: server::machine_busy_ticks(),
+        }
+    }
+
+    /// Notes when other processes used the CPUs during a measured phase: on a
+    /// shared machine a compile next door skews every figure.
+    fn note_other_load(&mut self, start: &Snapshot, end: &Snapshot) {
+        let (Some(s0), Some(s1), Some(o0), Some(o1), Some(m0), Some(m1)) = (
+            start.server,
+            end.server,
+            start.own,
+            end.own,
+            start.machine_ticks,
+            end.machine_ticks,
+        ) else {
+            return;
+        };
+        let ours =
+            s1.cpu_ticks.saturating_sub(s0.cpu_ticks) + o1.cpu_ticks.saturating_sub(o0.cpu_ticks);
+        let others = self
+            .server
+            .seconds(m1.saturating_sub(m0).saturating_sub(ours));
+        let percent = others * 1e11 / (end.at_ns - start.at_ns).max(1) as f64;
+        self.summary.set("other_load_percent", percent.round());
+        if percent > OTHER_LOAD_PERCENT {
+            self.summary.note(format!(
+                "other processes used {percent:.0}% of a core while this was measured: the figures are likely pessimistic"
+            ));
+        }
+    }
+
+    /// Opens the connections and reports how that went.
+    async fn connect(&mut self) -> Result<Fleet, String> {
+        eprintln!(
+            "connecting {} WebSockets ({} users, {} handshakes in flight)…",
+            count(self.conns as u64),
+            count(self.identities.len() as u64),
+            self.concurrency
+        );
+        let started = self.clock.now_ns();
+        let fleet = Fleet::open(
+            self.endpoint.clone(),
+            &self.identities,
+            self.conns,
+            self.concurrency,
+            self.clock,
+        )
+        .await;
+        let took = self.clock.now_ns() - started;
+        let connected = fleet.progress.connected.load(Ordering::Relaxed) as u64;
+        let failed = fleet.progress.failed.load(Ordering::Relaxed) as u64;
+        let rate = per_second(connected, took);
+        self.summary.line(
+            "connect",
+            format!(
+                "{}/{} open in {} ({rate:.0}/s), {} failed",
+                count(connected),
+                count(self.conns as u64),
+                duration(took),
+                count(failed)
+            ),
+        );
+        let failures = fleet.progress.failures();
+        for (why, n) in failures.iter().take(5) {
+            self.summary
+                .line("", format!("{} x {why}", count(*n as u64)));
+        }
+        self.summary.set("conns", self.conns as u64);
+        self.summary.set("conns_open", connected);
+        self.summary.set("connect_failed", failed);
+        self.summary.set("connect_s", round3(took as f64 / 1e9));
+        self.summary.set("connects_per_s", rate.round());
+        if connected == 0 {
+            let why = failures
+                .first()
+                .map_or("no reason recorded", |(why, _)| why.as_str());
+            return Err(format!("no connection could be opened: {why}"));
+        }
+        Ok(fleet)
+    }
+
+    fn report_publish(&mut self, published: &PublishReport) {
+        let took = published
+            .last_done_ns
+            .saturating_sub(published.first_send_ns);
+        let rate = per_second(published.accepted, took);
+        let mut text = format!(
+            "{}/{} accepted in {} ({rate:.0}/s, {} in flight), {} failed",
+            count(published.accepted),
+            count(self.messages),
+            duration(took),
+            self.in_flight,
+            count(published.failed())
+        );
+        if let Some(posts) = Spread::of(published.post_ns.clone()) {
+            text.push_str(&format!("; POST {}", posts.describe()));
+            posts.set(&mut self.summary, "post");
+        }
+        self.summary.line("publish", text);
+        let mut errors: Vec<_> = published.errors.iter().collect();
+        errors.sort_by_key(|(_, n)| std::cmp::Reverse(**n));
+        for (why, n) in errors.into_iter().take(5) {
+            self.summary.line("", format!("{} x {why}", count(*n)));
+        }
+        if self.scenario == Scenario::Rate {
+            self.summary.line(
+                "schedule",
+                format!(
+                    "target {}/s for {}; the latest send was {} behind schedule",
+                    self.rate,
+                    duration(nanos(self.duration)),
+                    duration(published.max_lag_ns)
+                ),
+            );
+            self.summary.set("rate_target", self.rate);
+            self.summary
+                .set("schedule_lag_max_ms", ms(published.max_lag_ns));
+        }
+        self.summary.set("messages", self.messages);
+        self.summary.set("messages_accepted", published.accepted);
+        self.summary.set("publish_failed", published.failed());
+        self.summary.set("posts_per_s", rate.round());
+    }
+
+    fn report_deliveries(&mut self, tally: &Tally, published: &PublishReport) {
+        let took = tally.last_recv_ns.saturating_sub(published.first_send_ns);
+        let rate = per_second(tally.received, took);
+        self.summary.line(
+            "deliver",
+            format!(
+                "{}/{} in {} = {} deliveries/s; lost {}, duplicate/out-of-order {}, misrouted {}",
+                count(tally.received),
+                count(tally.expected),
+                duration(took),
+                count(rate.round() as u64),
+                count(tally.lost),
+                count(tally.out_of_order),
+                count(tally.misrouted)
+            ),
+        );
+        if let Some(latency) = Spread::of(tally.latencies.clone()) {
+            let mut text = format!("publish->receive {}", latency.describe());
+            if self.scenario != Scenario::Rate {
+                text.push_str(" (publishing as fast as possible: includes queueing)");
+            }
+            self.summary.line("latency", text);
+            latency.set(&mut self.summary, "latency");
+        }
+        if tally.dropped_before > 0 {
+            self.summary.note(format!(
+                "{} connections closed before publishing began and are not counted",
+                count(tally.dropped_before)
+            ));
+        }
+        if tally.other > 0 {
+            self.summary.note(format!(
+                "{} frames that were not bench messages arrived",
+                count(tally.other)
+            ));
+        }
+        if tally.lost > 0 && tally.dropped_during > 0 {
+            self.summary.note(format!(
+                "{} connections were closed during the run: what they missed counts as lost (a real client would resume)",
+                count(tally.dropped_during)
+            ));
+        }
+        if tally.lost + tally.misrouted + tally.out_of_order > 0 {
+            self.verdict = Some(format!(
+                "delivery check failed: {} lost, {} misrouted, {} duplicate/out-of-order",
+                tally.lost, tally.misrouted, tally.out_of_order
+            ));
+        }
+        self.summary.set("deliveries_expected", tally.expected);
+        self.summary.set("deliveries", tally.received);
+        self.summary.set("lost", tally.lost);
+        self.summary
+            .set("duplicate_or_out_of_order", tally.out_of_order);
+        self.summary.set("misrouted", tally.misrouted);
+        self.summary.set("deliveries_per_s", rate.round());
+        self.summary.set("server_recipients", published.recipients);
+        if published.recipients != tally.expected {
+            self.summary.note(format!(
+                "the server's 202 answers addressed {} connections in total, the bench expected {}",
+                count(published.recipients),
+                count(tally.expected)
+            ));
+        }
+    }
+
+    fn list_drops(&mut self, fleet: &Fleet) {
+        for (why, n) in fleet.progress.drops().iter().take(5) {
+            self.summary
+                .line("dropped", format!("{} x {why}", count(*n as u64)));
+        }
+    }
+
+    fn watch_rss(&self, peak: &mut u64, last: &mut Instant) {
+        if self.server.enabled() && last.elapsed() >= RSS_POLL {
+            *last = Instant::now();
+            if let Some(sample) = self.server.sample() {
+                *peak = (*peak).max(sample.rss_bytes);
+            }
+        }
+    }
+
+    /// Waits (bounded) until the server has counted our connections out, so a
+    /// following run or RSS reading starts from a quiet server.
+    async fn drain(&mut self, before: Option<ServerStats>) {
+        let Some(before) = before else { return };
+        let until = Instant::now() + DRAIN_TIMEOUT;
+        while Instant::now() < until {
+            match server::stats(&mut self.http).await {
+                Some(now) if now.current_connections > before.current_connections => {
+                    tokio::time::sleep(RSS_POLL).await;
+                }
+                _ => return,
+            }
+        }
+        self.summary
+            .note("the server still counted some of the closed connections as open after 5 s");
+    }
+}
+
+/// CPU and memory readings at one moment.
+struct Snapshot {
+    at_ns: u64,
+    server: Option<server::ProcSample>,
+    own: Option<server::ProcSample>,
+    machine_ticks: Option<u64>,
+}
+
+/// What all connections received, against what the 202 answers promised.
+#[derive(Debug, Default)]
+struct Tally {
+    expected: u64,
+    received: u64,
+    lost: u64,
+    misrouted: u64,
+    out_of_order: u64,
+    other: u64,
+    last_recv_ns: u64,
+    /// Connections closed before the first publish: nothing was addressed to them.
+    dropped_before: u64,
+    dropped_during: u64,
+    latencies: Vec<u64>,
+}
+
+impl Tally {
+    fn of(reports: Vec<ConnReport>, published: &PublishReport, broadcast: bool) -> Tally {
+        let mut tally = Tally::default();
+        for report in reports.into_iter().filter(|r| r.connected) {
+            match report.dropped_ns {
+                Some(at) if at < published.first_send_ns => {
+                    tally.dropped_before += 1;
+                    continue;
+                }
+                Some(_) => tally.dropped_during += 1,
+                None => {}
+            }
+            let expected = if broadcast {
+                published.accepted
+            } else {
+                published.per_user[report.user]
+            };
+            tally.expected += expected;
+            tally.received += report.received;
+            tally.lost += expected.saturating_sub(report.received);
+            tally.misrouted += report.misrouted;
+            tally.out_of_order += report.out_of_order;
+            tally.other += report.other;
+            tally.last_recv_ns = tally.last_recv_ns.max(report.last_recv_ns);
+            tally.latencies.extend(report.latencies_ns);
+        }
+        tally
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether two `Cpus_allowed_list` values (e.g. `0-1`, `1`, `0,2-3`) share a CPU.
+fn overlaps(a: &str, b: &str) -> bool {
+    let cpus = |list: &str| -> Vec<(u32, u32)> {
+        list.split(',')
+            .filter_map(|part| {
+                let (lo, hi) = part
+                    .trim()
+                    .split_once('-')
+                    .unwrap_or((part.trim(), part.trim()));
+                Some((lo.parse().ok()?, hi.parse().ok()?))
+            })
+            .collect()
+    };
+    let (a, b) = (cpus(a), cpus(b));
+    a.iter()
+        .any(|&(lo, hi)| b.iter().any(|&(lo2, hi2)| lo <= hi2 && lo2 <= hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_overlap_when_they_share_a_cpu() {
+        assert!(overlaps("0-1", "1"));
+        assert!(overlaps("0,2-3", "3"));
+        assert!(!overlaps("0", "1"));
+        assert!(!overlaps("0-1", "2-3"));
+    }
+
+    #[test]
+    fn tally_counts_loss_per_connection_and_skips_early_drops() {
+        let published = PublishReport {
+            accepted: 3,
+            first_send_ns: 100,
+            per_user: vec![3, 1],
+            ..Default::default()
+        };
+        let conn = |user, received, dropped_ns| ConnReport {
+            user,
+            connected: true,
+            received,
+            dropped_ns,
+            latencies_ns: vec![5; received as usize],
+            ..Default::default()
+        };
+        let reports = vec![
+            conn(0, 3, None),
+            conn(1, 1, None),
+            conn(0, 1, Some(150)),
+            conn(1, 0, Some(50)),
+        ];
+        let users = Tally::of(reports, &published, false);
+        assert_eq!((users.expected, users.received, users.lost), (7, 5, 2));
+        assert_eq!((users.dropped_before, users.dropped_during), (1, 1));
+        assert_eq!(users.latencies.len(), 5);
+
+        let broadcast = Tally::of(vec![conn(0, 3, None), conn(1, 2, None)], &published, true);
+        assert_eq!((broadcast.expected, broadcast.lost), (6, 1));
+    }
+}

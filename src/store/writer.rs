@@ -1,0 +1,486 @@
+//! The writer thread: the only read-write connection, and group commit.
+//!
+//! Requests arrive in order over one bounded queue. The thread blocks for
+//! the first, takes whatever else is already queued (up to [`BATCH_MAX`]),
+//! and runs them all in ONE transaction. After `COMMIT` returns it runs each
+//! message's `on_commit` in submission order (the hub fans out there, so a
+//! socket only ever sees committed messages, in `seq` order) and then wakes
+//! the waiters. If the transaction fails, nobody's `on_commit` runs and every
+//! waiter gets the error. While one batch commits (an fsync), the next one
+//! queues up behind it, so the cost of the fsync is shared by everything
+//! that arrived meanwhile.
+//!
+//! A log's `head` is raised in the same transaction as its messages, and an
+//! append whose `seq` is not above the head is refused, so `seq` can neither
+//! repeat nor go back under one epoch, whatever crash happens between commits.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{lock, StoreError, StoredMessage, Touches};
+
+/// Requests per transaction. Bounds the latency a batch adds to the first
+/// publish in it and the memory of one batch.
+pub(crate) const BATCH_MAX: usize = 1024;
+
+/// Trim history after this many appended rows (across tenants)...
+pub(crate) const TRIM_EVERY: usize = 2048;
+
+/// ...deleting at most this many rows in that pass. More than `TRIM_EVERY`,
+/// so trimming keeps up, and bounded, so one batch never stalls on it.
+const TRIM_BUDGET: u64 = 8192;
+
+/// Runs on the writer thread after the message's transaction committed.
+pub(crate) type OnCommit = Box<dyn FnOnce() + Send>;
+
+/// What the writer thread is asked to do.
+pub(crate) enum Request {
+    Append {
+        message: StoredMessage,
+        on_commit: OnCommit,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Any other write (accounts, keys, logs), run in a savepoint.
+    Job(Job),
+    /// Wakes the writer to write pending `last_used_at` touches.
+    Flush,
+    /// Commit what came before, then stop; the sender hears when it is done.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A write with a typed answer, erased so one queue carries them all.
+pub(crate) struct Job {
+    /// Runs inside the batch's transaction; false when it failed (and its
+    /// savepoint must be rolled back).
+    run: Box<dyn FnOnce(&Connection) -> bool + Send>,
+    /// Answers the caller with the commit's outcome (and the job's result).
+    finish: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
+
+impl Job {
+    pub(crate) fn new<T, F, A>(
+        f: F,
+        after_commit: A,
+        done: oneshot::Sender<Result<T, StoreError>>,
+    ) -> Job
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
+    {
+        let slot = Arc::new(Mutex::new(None::<Result<T, StoreError>>));
+        let run_slot = slot.clone();
+        Job {
+            run: Box::new(move |conn| {
+                let result = f(conn);
+                let ok = result.is_ok();
+                *lock(&run_slot) = Some(result);
+                ok
+            }),
+            finish: Box::new(move |commit| {
+                let result = match (lock(&slot).take(), commit) {
+                    // The job's own error is the more precise one.
+                    (Some(Err(error)), _) | (_, Err(error)) => Err(error),
+                    (Some(Ok(value)), Ok(())) => Ok(value),
+                    (None, Ok(())) => Err(StoreError::Internal("write job did not run".into())),
+                };
+                if let Ok(value) = &result {
+                    after_commit(value);
+                }
+                // The caller may have given up waiting; the write stands.
+                let _ = done.send(result);
+            }),
+        }
+    }
+}
+
+/// Starts the writer thread; it runs until [`Request::Shutdown`] or until
+/// every [`super::Store`] handle is dropped (then it commits what is queued).
+pub(crate) fn spawn(
+    conn: Connection,
+    requests: mpsc::Receiver<Request>,
+    touches: Arc<Touches>,
+    history_size: usize,
+) -> Result<(), StoreError> {
+    let writer = Writer::new(conn, requests, touches, history_size)?;
+    std::thread::Builder::new()
+        .name("agentcast-store".into())
+        .spawn(move || writer.run())?;
+    Ok(())
+}
+
+struct Writer {
+    conn: Connection,
+    requests: mpsc::Receiver<Request>,
+    touches: Arc<Touches>,
+    /// Committed head per tenant, so an append needs no lookup. Emptied when
+    /// a transaction fails (it may have cached rows that were rolled back).
+    heads: HashMap<String, u64>,
+    history_size: u64,
+    /// Tenants that may hold more than `history_size` rows.
+    trim_dirty: HashSet<String>,
+    /// Rows appended since the last trim pass.
+    appended_since_trim: usize,
+}
+
+/// A message or job that ran in the open transaction, waiting for COMMIT.
+enum Done {
+    Message {
+        on_commit: OnCommit,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Job(Box<dyn FnOnce(Result<(), StoreError>) + Send>),
+}
+
+impl Writer {
+    fn new(
+        conn: Connection,
+        requests: mpsc::Receiver<Request>,
+        touches: Arc<Touches>,
+        history_size: usize,
+    ) -> Result<Writer, StoreError> {
+        // Every log may be over a (possibly lowered) HISTORY_SIZE after a restart.
+        let trim_dirty = conn
+            .prepare("SELECT tenant FROM logs")?
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<Result<HashSet<_>, _>>()?;
+        Ok(Writer {
+            conn,
+            requests,
+            touches,
+            heads: HashMap::new(),
+            history_size: u64::try_from(history_size).unwrap_or(u64::MAX),
+            trim_dirty,
+            appended_since_trim: 0,
+        })
+    }
+
+    fn run(mut self) {
+        while let Some(first) = self.requests.blocking_recv() {
+            let mut batch = Vec::new();
+            let mut shutdown = None;
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                if let Request::Shutdown(done) = request {
+                    shutdown = Some(done);
+                    break;
+                }
+                batch.push(request);
+                if batch.len() < BATCH_MAX {
+                    next = self.requests.try_recv().ok();
+                }
+            }
+            self.commit(batch);
+            if let Some(done) = shutdown {
+                self.finish();
+                let _ = done.send(());
+                return;
+            }
+        }
+        self.finish();
+    }
+
+    /// Stops taking requests (those still queued are dropped: their callers
+    /// see `Closed`), writes pending touches and checkpoints the WAL so the
+    /// next start has nothing to replay.
+    fn finish(mut self) {
+        self.requests.close();
+        while self.requests.try_recv().is_ok() {}
+        self.commit(Vec::new());
+        if let Err(error) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(%error, "store: final checkpoint failed");
+        }
+        if let Err((_, error)) = self.conn.close() {
+            tracing::warn!(%error, "store: closing the database failed");
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    /// Runs `batch` (and pending touches) in one transaction; see the module doc.
+    fn commit(&mut self, batch: Vec<Request>) {
+        let touches = self.touches.take();
+        if touches.is_empty() && batch.iter().all(|r| matches!(r, Request::Flush)) {
+            return;
+        }
+        if let Err(error) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            let error = StoreError::from(error);
+            tracing::error!(%error, "store: cannot begin a transaction");
+            for request in batch {
+                fail(request, &error);
+            }
+            return;
+        }
+
+        let mut done = Vec::with_capacity(batch.len());
+        // Heads raised by this batch; they join `self.heads` once committed.
+        let mut batch_heads: HashMap<String, u64> = HashMap::new();
+        // Set when SQLite rolled the whole transaction back under us (disk
+        // full, i/o error): nothing after that point may run.
+        let mut lost: Option<StoreError> = None;
+        for request in batch {
+            if let Some(error) = &lost {
+                fail(request, error);
+                continue;
+            }
+            match request {
+                Request::Append {
+                    message,
+                    on_commit,
+                    done: waiter,
+                } => match self.insert(&message, &mut batch_heads) {
+                    Ok(()) => done.push(Done::Message {
+                        on_commit,
+                        done: waiter,
+                    }),
+                    Err(error) => {
+                        lost = self.lost(&error);
+                        let _ = waiter.send(Err(error));
+                    }
+                },
+                Request::Job(job) => match self.run_job(job.run) {
+                    Ok(()) => {
+                        done.push(Done::Job(job.finish));
+                        if self.conn.is_autocommit() {
+                            // The job's failure took the transaction with it.
+                            lost = Some(StoreError::Io("the transaction was rolled back".into()));
+                        }
+                    }
+                    Err(error) => {
+                        lost = self.lost(&error);
+                        (job.finish)(Err(error));
+                    }
+                },
+                Request::Flush | Request::Shutdown(_) => {}
+            }
+        }
+        if lost.is_none() {
+            if let Err(error) = self.write_heads(&batch_heads) {
+                lost = Some(error);
+            }
+        }
+        if lost.is_none() {
+            if let Err(error) = self.write_touches(&touches) {
+                tracing::warn!(%error, "store: could not record api key use");
+                lost = self.lost(&error);
+            }
+        }
+        if lost.is_none() && self.appended_since_trim >= TRIM_EVERY {
+            if let Err(error) = self.trim(&batch_heads) {
+                tracing::warn!(%error, "store: trimming history failed");
+                lost = self.lost(&error);
+            }
+        }
+
+        let outcome = match lost {
+            Some(error) => Err(error),
+            None => self.conn.execute_batch("COMMIT").map_err(StoreError::from),
+        };
+        match outcome {
+            Ok(()) => {
+                self.heads.extend(batch_heads);
+                let mut waiters = Vec::with_capacity(done.len());
+                for entry in done {
+                    match entry {
+                        Done::Message { on_commit, done } => {
+                            if std::panic::catch_unwind(AssertUnwindSafe(on_commit)).is_err() {
+                                tracing::error!("store: an on_commit callback panicked");
+                            }
+                            waiters.push(done);
+                        }
+                        Done::Job(finish) => finish(Ok(())),
+                    }
+                }
+                for waiter in waiters {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "store: a transaction failed, its writes are refused");
+                self.rollback();
+                self.heads.clear();
+                for entry in done {
+                    match entry {
+                        Done::Message { done, .. } => {
+                            let _ = done.send(Err(error.clone()));
+                        }
+                        Done::Job(finish) => finish(Err(error.clone())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Some(error)` when `error` ended the whole transaction, not just a statement.
+    fn lost(&self, error: &StoreError) -> Option<StoreError> {
+        self.conn.is_autocommit().then(|| error.clone())
+    }
+
+    fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            if let Err(error) = self.conn.execute_batch("ROLLBACK") {
+                tracing::error!(%error, "store: rollback failed");
+            }
+        }
+    }
+
+    fn run_job(&self, run: Box<dyn FnOnce(&Connection) -> bool + Send>) -> Result<(), StoreError> {
+        self.conn.execute_batch("SAVEPOINT job")?;
+        if !run(&self.conn) && !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK TO job")?;
+        }
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("RELEASE job")?;
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &mut self,
+        message: &StoredMessage,
+        batch_heads: &mut HashMap<String, u64>,
+    ) -> Result<(), StoreError> {
+        let seq = i64::try_from(message.seq)
+            .ok()
+            .filter(|seq| *seq > 0)
+            .ok_or_else(|| StoreError::Invalid(format!("seq {} is out of range", message.seq)))?;
+        let head = self.head(&message.tenant, batch_heads)?;
+        if message.seq <= head {
+            return Err(StoreError::Conflict(format!(
+                "seq {} is not above the head {head} of tenant {:?}",
+                message.seq, message.tenant
+            )));
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO messages (tenant, seq, id, kind, target_user, ts_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                message.tenant,
+                seq,
+                message.id,
+                message.kind,
+                message.target_user,
+                message.ts_ms,
+                message.body,
+            ])?;
+        match batch_heads.get_mut(&message.tenant) {
+            Some(head) => *head = message.seq,
+            None => {
+                batch_heads.insert(message.tenant.clone(), message.seq);
+            }
+        }
+        self.appended_since_trim += 1;
+        if !self.trim_dirty.contains(&message.tenant) {
+            self.trim_dirty.insert(message.tenant.clone());
+        }
+        Ok(())
+    }
+
+    /// The tenant's head as this transaction sees it.
+    fn head(
+        &mut self,
+        tenant: &str,
+        batch_heads: &HashMap<String, u64>,
+    ) -> Result<u64, StoreError> {
+        if let Some(head) = batch_heads.get(tenant).or_else(|| self.heads.get(tenant)) {
+            return Ok(*head);
+        }
+        let head: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT max(head, coalesce((SELECT max(seq) FROM messages WHERE tenant = ?1), 0))
+                 FROM logs WHERE tenant = ?1",
+            )?
+            .query_row([tenant], |row| row.get(0))
+            .optional()?;
+        let head = head.ok_or_else(|| StoreError::UnknownLog(tenant.to_owned()))?;
+        let head = u64::try_from(head).unwrap_or(0);
+        self.heads.insert(tenant.to_owned(), head);
+        Ok(head)
+    }
+
+    fn write_heads(&self, batch_heads: &HashMap<String, u64>) -> Result<(), StoreError> {
+        let mut update = self
+            .conn
+            .prepare_cached("UPDATE logs SET head = ?2 WHERE tenant = ?1 AND head < ?2")?;
+        for (tenant, head) in batch_heads {
+            // Every head here came from a seq already checked to fit an i64.
+            update.execute(params![tenant, i64::try_from(*head).unwrap_or(i64::MAX)])?;
+        }
+        Ok(())
+    }
+
+    fn write_touches(&self, touches: &HashMap<String, i64>) -> Result<(), StoreError> {
+        if touches.is_empty() {
+            return Ok(());
+        }
+        let mut update = self.conn.prepare_cached(
+            "UPDATE api_keys SET last_used_at = ?2
+             WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+        )?;
+        for (id, at_ms) in touches {
+            update.execute(params![id, at_ms])?;
+        }
+        Ok(())
+    }
+
+    /// Deletes rows older than the newest `history_size` of the dirty
+    /// tenants, at most [`TRIM_BUDGET`] rows; what is left waits for the next pass.
+    fn trim(&mut self, batch_heads: &HashMap<String, u64>) -> Result<(), StoreError> {
+        self.appended_since_trim = 0;
+        let mut budget = TRIM_BUDGET;
+        let tenants: Vec<String> = self.trim_dirty.iter().cloned().collect();
+        for tenant in tenants {
+            if budget == 0 {
+                break;
+            }
+            let head = self.head(&tenant, batch_heads)?;
+            let Some(cutoff) = head.checked_sub(self.history_size).filter(|c| *c > 0) else {
+                self.trim_dirty.remove(&tenant);
+                continue;
+            };
+            let oldest: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT min(seq) FROM messages WHERE tenant = ?1")?
+                .query_row([&tenant], |row| row.get(0))?;
+            let oldest = oldest.and_then(|seq| u64::try_from(seq).ok());
+            let Some(oldest) = oldest.filter(|seq| *seq <= cutoff) else {
+                self.trim_dirty.remove(&tenant);
+                continue;
+            };
+            // seqs are unique integers, so this range holds at most `budget` rows.
+            let upto = cutoff.min(oldest.saturating_add(budget - 1));
+            let deleted = self
+                .conn
+                .prepare_cached("DELETE FROM messages WHERE tenant = ?1 AND seq <= ?2")?
+                .execute(params![tenant, i64::try_from(upto).unwrap_or(i64::MAX)])?;
+            budget = budget.saturating_sub(u64::try_from(deleted).unwrap_or(u64::MAX));
+            if upto == cutoff {
+                self.trim_dirty.remove(&tenant);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Answers a request that will not run.
+fn fail(request: Request, error: &StoreError) {
+    match request {
+        Request::Append { done, .. } => {
+            let _ = done.send(Err(error.clone()));
+        }
+        Request::Job(job) => (job.finish)(Err(error.clone())),
+        Request::Flush => {}
+        Request::Shutdown(done) => {
+            let _ = done.send(());
+        }
+    }
+}
