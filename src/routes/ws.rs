@@ -134,18 +134,17 @@ fn handshake(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner();
-                let ws = if parts.read_buf.is_empty() {
-                    WebSocketStream::from_raw_socket(stream, Role::Server, Some(shared.ws_config))
-                        .await
-                } else {
-                    let early = parts.read_buf.to_vec();
-                    WebSocketStream::from_partially_read(
-                        stream,
-                        early,
-                        Role::Server,
-                        Some(shared.ws_config),
-                    )
-                    .await
+                // `read_buf` is a view into hyper's 8 KiB read buffer: copy what the
+                // client sent early and let the buffer go, or every connection keeps it.
+                let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
+                drop(parts.read_buf);
+                let config = Some(shared.ws_config);
+                let ws = match early {
+                    None => WebSocketStream::from_raw_socket(stream, Role::Server, config).await,
+                    Some(early) => {
+                        WebSocketStream::from_partially_read(stream, early, Role::Server, config)
+                            .await
+                    }
                 };
                 serve_socket(ws, admission, &shared).await;
             }
