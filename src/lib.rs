@@ -16,7 +16,8 @@
 //! - [`log`]: per-tenant `seq`, `epoch`, history and the resume rule.
 //! - [`metrics`]: counters and histograms behind `/api/v1/ws/stats` and `/metrics`.
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
-//! - [`store`]: the SQLite file — accounts, API keys, durable tenant logs, views.
+//! - [`store`]: the SQLite file — accounts, API keys, durable tenant logs, views
+//!   (built and unit-tested; the hub and routes do not use it yet).
 //! - [`bench`]: the load tool (`agentcast bench`).
 //!
 //! A message's path: `routes::publish` validates it, `hub::Hub::publish` gives it
