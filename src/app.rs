@@ -21,6 +21,7 @@ use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
 use crate::routes::{self, PeerAddr, Shared};
 use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError, StoreOptions};
 
 /// Pending connections the kernel keeps for us. warp's `run` uses 128, which made
 /// bursts of handshakes stall for a second on SYN retransmits.
@@ -39,6 +40,8 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Binds `addr` with a large accept backlog.
@@ -61,6 +64,7 @@ pub async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let auth = Arc::new(Authenticator::new(&settings)?);
+    let store = open_store(&settings).await?;
     let metrics = Arc::new(Metrics::new());
     let hub = Hub::new(
         Limits {
@@ -91,6 +95,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         hub,
         auth,
+        store: store.clone(),
         sessions,
         ws_config,
         max_message_bytes: settings.max_message_bytes,
@@ -154,7 +159,22 @@ pub async fn serve(
     } else {
         tracing::info!("drained");
     }
+    // Last: every acknowledged write is committed and the WAL checkpointed.
+    store.close().await;
     Ok(())
+}
+
+/// Opens `DATA_DIR/agentcast.db` off the async threads.
+async fn open_store(settings: &Settings) -> Result<Store, AppError> {
+    let data_dir = settings.data_dir.clone();
+    let options = StoreOptions {
+        history_size: settings.history_size,
+        ..StoreOptions::default()
+    };
+    tokio::task::spawn_blocking(move || Store::open_with(&data_dir, options))
+        .await
+        .map_err(|e| StoreError::Io(format!("store open task failed: {e}")))?
+        .map_err(AppError::from)
 }
 
 /// fly.io names each machine; elsewhere the host name will do.

@@ -16,12 +16,15 @@ use crate::auth::Authenticator;
 use crate::config::Secret;
 use crate::hub::session::SessionConfig;
 use crate::hub::Hub;
+use crate::store::Store;
 
 /// What the handlers share; built once in [`crate::app`].
 #[derive(Debug)]
 pub struct Shared {
     pub hub: Hub,
     pub auth: Arc<Authenticator>,
+    /// Accounts, API keys and the durable tenant logs (`DATA_DIR/agentcast.db`).
+    pub store: Store,
     pub sessions: Arc<SessionConfig>,
     /// tungstenite settings of every upgraded socket (small buffers, frame limit).
     pub ws_config: WebSocketConfig,
