@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::auth::Role;
 use crate::hub::wire::Envelope;
 
 /// One tenant's ordered log.
@@ -66,7 +67,7 @@ impl TenantLog {
     /// Everything addressed to `user` after `since`, if `epoch` is this log's.
     /// `complete` is false when the epoch differs or history no longer reaches back
     /// to `since`: the client must then reload its state over REST.
-    pub fn resume(&self, since: u64, epoch: &str, user: &str) -> Replay {
+    pub fn resume(&self, since: u64, epoch: &str, user: &str, role: Role) -> Replay {
         let mut replay = Replay {
             entries: Vec::new(),
             from: since,
@@ -83,7 +84,7 @@ impl TenantLog {
         replay.entries = self
             .history
             .range(start..)
-            .filter(|e| e.target.addresses(user))
+            .filter(|e| e.target.addresses(user, role))
             .cloned()
             .collect();
         replay
@@ -111,7 +112,7 @@ mod tests {
         publish(&mut log, Target::User("alice".into()));
         publish(&mut log, Target::Broadcast);
         let epoch = log.epoch().to_owned();
-        let replay = log.resume(1, &epoch, "alice");
+        let replay = log.resume(1, &epoch, "alice", Role::User);
         assert!(replay.complete);
         assert_eq!((replay.from, replay.to), (1, 4));
         assert_eq!(
@@ -127,17 +128,17 @@ mod tests {
             publish(&mut log, Target::Broadcast);
         }
         let epoch = log.epoch().to_owned();
-        let old = log.resume(2, &epoch, "u");
+        let old = log.resume(2, &epoch, "u", Role::User);
         assert!(!old.complete);
         assert_eq!(
             old.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
             [8, 9, 10]
         );
-        assert!(log.resume(7, &epoch, "u").complete);
-        let foreign = log.resume(9, "other", "u");
+        assert!(log.resume(7, &epoch, "u", Role::User).complete);
+        let foreign = log.resume(9, "other", "u", Role::User);
         assert!(!foreign.complete);
         assert!(foreign.entries.is_empty());
-        assert!(log.resume(10, &epoch, "u").complete);
-        assert!(!log.resume(11, &epoch, "u").complete);
+        assert!(log.resume(10, &epoch, "u", Role::User).complete);
+        assert!(!log.resume(11, &epoch, "u", Role::User).complete);
     }
 }

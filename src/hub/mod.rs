@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde_json::Value;
 
+use crate::auth::Role;
 use crate::log::{Replay, TenantLog};
 use crate::metrics::Metrics;
 use outbox::Outbox;
@@ -63,6 +64,7 @@ struct TenantState {
 #[derive(Debug)]
 struct Connection {
     outbox: Arc<Outbox>,
+    role: Role,
 }
 
 /// The answer to an accepted publish (SPEC §3: 202 body).
@@ -145,12 +147,13 @@ impl Hub {
         }
     }
 
-    /// Registers a connection of `user` in `tenant`, with its resume snapshot when
-    /// `resume` (since, epoch) is given.
+    /// Registers a connection of `user` (acting as `role`) in `tenant`, with its
+    /// resume snapshot when `resume` (since, epoch) is given.
     pub fn register(
         &self,
         tenant: &str,
         user: &str,
+        role: Role,
         resume: Option<(u64, &str)>,
     ) -> Result<(Membership, Snapshot), Refusal> {
         let open = self.inner.open.fetch_add(1, Ordering::AcqRel);
@@ -181,13 +184,14 @@ impl Hub {
             id,
             Connection {
                 outbox: Arc::clone(&outbox),
+                role,
             },
         );
         state.users.entry(Arc::clone(&user)).or_default().push(id);
         let snapshot = Snapshot {
             epoch: state.log.epoch().to_owned(),
             head: state.log.head(),
-            replay: resume.map(|(since, epoch)| state.log.resume(since, epoch, &user)),
+            replay: resume.map(|(since, epoch)| state.log.resume(since, epoch, &user, role)),
         };
         drop(guard);
         self.inner.metrics.connections_total.inc();
@@ -272,6 +276,14 @@ impl TenantState {
                 }
                 ids.len()
             }
+            Target::Admins => {
+                let mut addressed = 0;
+                for connection in self.connections.values().filter(|c| c.role == Role::Admin) {
+                    connection.outbox.push(envelope);
+                    addressed += 1;
+                }
+                addressed
+            }
         }
     }
 }
@@ -323,10 +335,10 @@ mod tests {
     #[test]
     fn to_user_reaches_all_tabs_of_that_user_only() {
         let hub = hub(5, 100);
-        let (a1, _) = hub.register("t", "alice", None).unwrap();
-        let (a2, _) = hub.register("t", "alice", None).unwrap();
-        let (b, _) = hub.register("t", "bob", None).unwrap();
-        let (other, _) = hub.register("t2", "alice", None).unwrap();
+        let (a1, _) = hub.register("t", "alice", Role::User, None).unwrap();
+        let (a2, _) = hub.register("t", "alice", Role::User, None).unwrap();
+        let (b, _) = hub.register("t", "bob", Role::User, None).unwrap();
+        let (other, _) = hub.register("t2", "alice", Role::User, None).unwrap();
         let receipt = hub.publish("t", "x", &data(), Target::User("alice".into()));
         assert_eq!(receipt.recipients, 2);
         assert_eq!(seqs(&a1), [1]);
@@ -336,22 +348,41 @@ mod tests {
     }
 
     #[test]
+    fn to_admins_reaches_admin_connections_live_and_in_replay() {
+        let hub = hub(5, 100);
+        let (admin, snapshot) = hub.register("t", "root", Role::Admin, None).unwrap();
+        let (user, _) = hub.register("t", "bob", Role::User, None).unwrap();
+        let (other_tenant, _) = hub.register("t2", "root", Role::Admin, None).unwrap();
+        let receipt = hub.publish("t", "system", &data(), Target::Admins);
+        assert_eq!(receipt.recipients, 1);
+        assert_eq!(seqs(&admin), [1]);
+        assert!(seqs(&user).is_empty());
+        assert!(seqs(&other_tenant).is_empty());
+
+        let resume = Some((0, snapshot.epoch.as_str()));
+        let (_, as_admin) = hub.register("t", "root", Role::Admin, resume).unwrap();
+        let (_, as_user) = hub.register("t", "bob", Role::User, resume).unwrap();
+        assert_eq!(as_admin.replay.unwrap().entries.len(), 1);
+        assert!(as_user.replay.unwrap().entries.is_empty());
+    }
+
+    #[test]
     fn limits_refuse_and_unregister_frees_the_slot() {
         let hub = hub(1, 2);
-        let (first, _) = hub.register("t", "alice", None).unwrap();
+        let (first, _) = hub.register("t", "alice", Role::User, None).unwrap();
         assert_eq!(
-            hub.register("t", "alice", None).unwrap_err(),
+            hub.register("t", "alice", Role::User, None).unwrap_err(),
             Refusal::UserFull
         );
-        let (_bob, _) = hub.register("t", "bob", None).unwrap();
+        let (_bob, _) = hub.register("t", "bob", Role::User, None).unwrap();
         assert_eq!(
-            hub.register("t", "carol", None).unwrap_err(),
+            hub.register("t", "carol", Role::User, None).unwrap_err(),
             Refusal::ServerFull
         );
         assert_eq!(hub.presence("t", "alice"), 1);
         drop(first);
         assert_eq!(hub.presence("t", "alice"), 0);
-        assert!(hub.register("t", "alice", None).is_ok());
+        assert!(hub.register("t", "alice", Role::User, None).is_ok());
     }
 
     #[test]
@@ -360,8 +391,10 @@ mod tests {
         for _ in 0..3 {
             hub.publish("t", "x", &data(), Target::Broadcast);
         }
-        let (_, first) = hub.register("t", "u", None).unwrap();
-        let (member, snapshot) = hub.register("t", "u", Some((1, &first.epoch))).unwrap();
+        let (_, first) = hub.register("t", "u", Role::User, None).unwrap();
+        let (member, snapshot) = hub
+            .register("t", "u", Role::User, Some((1, &first.epoch)))
+            .unwrap();
         hub.publish("t", "x", &data(), Target::Broadcast);
         let replay = snapshot.replay.unwrap();
         assert!(replay.complete);

@@ -103,6 +103,7 @@ pub async fn run<S>(
     let registered = config.hub.register(
         &claims.tenant,
         &claims.sub,
+        claims.role,
         resume.as_ref().map(|r| (r.since, r.epoch.as_str())),
     );
     let (membership, snapshot) = match registered {

@@ -4,6 +4,8 @@
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -12,13 +14,16 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 pub enum Target {
     Broadcast,
     User(Box<str>),
+    /// Every admin connection of the tenant (the security alerts of API keys).
+    Admins,
 }
 
 impl Target {
-    pub fn addresses(&self, user: &str) -> bool {
+    pub fn addresses(&self, user: &str, role: Role) -> bool {
         match self {
             Target::Broadcast => true,
             Target::User(id) => &**id == user,
+            Target::Admins => role == Role::Admin,
         }
     }
 }
