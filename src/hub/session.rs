@@ -85,7 +85,8 @@ enum Event {
     Inbound(Message),
     ReadFailed(WsError),
     PeerGone,
-    Fill,
+    /// Writing queued frames into the socket failed in a way that ends the session.
+    Ended(Ending),
     Flushed,
     WriteFailed,
     Overflowed,
@@ -247,16 +248,22 @@ impl Session {
                     if outbox_ready && self.membership.outbox.is_overflowed() {
                         return Poll::Ready(Event::Overflowed);
                     }
-                    return match ws.poll_flush_unpin(cx) {
-                        Poll::Ready(Ok(())) => Poll::Ready(Event::Flushed),
-                        Poll::Ready(Err(_)) => Poll::Ready(Event::WriteFailed),
-                        Poll::Pending => Poll::Pending,
-                    };
+                } else if outbox_ready || !self.backlog.is_empty() || self.replay_summary.is_some()
+                {
+                    // Write what is queued and flush it in this same turn: one
+                    // wake-up per batch instead of one to fill and one to flush.
+                    if let Err(ending) = self.fill(ws) {
+                        return Poll::Ready(Event::Ended(ending));
+                    }
                 }
-                if outbox_ready || !self.backlog.is_empty() || self.replay_summary.is_some() {
-                    return Poll::Ready(Event::Fill);
+                if !self.dirty {
+                    return Poll::Pending;
                 }
-                Poll::Pending
+                match ws.poll_flush_unpin(cx) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Event::Flushed),
+                    Poll::Ready(Err(_)) => Poll::Ready(Event::WriteFailed),
+                    Poll::Pending => Poll::Pending,
+                }
             })
             .await;
 
@@ -270,7 +277,7 @@ impl Session {
                 Event::Inbound(message) => self.on_message(ws, message),
                 Event::ReadFailed(error) => Err(read_failure(error)),
                 Event::PeerGone | Event::WriteFailed => Err(Ending::PeerGone),
-                Event::Fill => self.fill(ws),
+                Event::Ended(ending) => Err(ending),
                 Event::Flushed => {
                     self.on_flushed();
                     Ok(())
