@@ -6,7 +6,7 @@ use warp::{Filter, Rejection};
 
 use crate::error::ApiError;
 
-/// A JSON body of at most `limit` bytes: 415 for another content type, 413 when
+/// A JSON object body of at most `limit` bytes: 415 for another content type, 413 when
 /// larger, 400 when empty or not JSON, 422 when JSON of the wrong shape.
 pub fn json_body<T>(limit: usize) -> impl Filter<Extract = (T,), Error = Rejection> + Clone
 where
@@ -80,10 +80,15 @@ fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest("body is empty".into()));
     }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+    let parsed = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::Unprocessable(e.to_string()),
         _ => ApiError::BadRequest(format!("body is not valid JSON: {e}")),
-    })
+    })?;
+    // serde also fills a struct from an array of its fields; a body is an object.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::Unprocessable("body must be a JSON object".into()));
+    }
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -120,6 +125,11 @@ mod tests {
             parse(br#"{"type": "a", "extra": 1}"#),
             Err(ApiError::Unprocessable(_))
         ));
+        assert!(matches!(
+            parse(br#"["a", null]"#),
+            Err(ApiError::Unprocessable(_))
+        ));
+        assert!(parse(b" \n{\"type\": \"a\"}").is_ok());
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(parse(format!(r#"{{"type":"a","data":{deep}}}"#).as_bytes()).is_err());
     }
