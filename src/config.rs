@@ -115,7 +115,8 @@ pub struct AccountArgs {
     pub admin_password: Option<String>,
 
     /// Whether anyone may create a `user` account (POST /api/v1/auth/signup).
-    #[arg(long, env = "SIGNUP", default_value = "on", value_parser = parse_switch)]
+    #[arg(long, env = "SIGNUP", default_value = "on", value_name = "on|off",
+          action = clap::ArgAction::Set, value_parser = parse_switch)]
     pub signup: bool,
 
     /// Lifetime of the tokens that login and refresh hand out.
@@ -490,6 +491,36 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5 weeks").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn account_flags_parse_and_are_checked() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["agentcast"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| cli.serve.accounts)
+        };
+        let defaults = parse(&[]).unwrap();
+        assert!(defaults.signup);
+        assert_eq!(defaults.token_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(defaults.login_max_failures, 10);
+        assert_eq!(defaults.login_window, Duration::from_secs(900));
+        assert!(!parse(&["--signup", "off"]).unwrap().signup);
+        assert!(parse(&["--signup", "on"]).unwrap().signup);
+        assert!(parse(&["--signup", "maybe"]).is_err());
+
+        let settings = |args: &[&str]| AccountSettings::from_args(parse(args).unwrap());
+        assert!(settings(&["--admin-password", "short"]).is_err());
+        assert!(settings(&["--token-ttl", "10s"]).is_err());
+        assert!(settings(&["--login-max-failures", "0"]).is_err());
+        assert!(settings(&["--trusted-proxy-header", "bad header"]).is_err());
+        let proxied = settings(&["--trusted-proxy-header", "Fly-Client-IP"]).unwrap();
+        assert_eq!(
+            proxied.trusted_proxy_header.as_ref().map(|h| h.as_str()),
+            Some("fly-client-ip")
+        );
+        let admin = settings(&["--admin-password", "correct horse"]).unwrap();
+        assert!(!format!("{admin:?}").contains("correct horse"));
     }
 
     #[test]
