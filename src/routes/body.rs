@@ -6,6 +6,12 @@ use warp::{Filter, Rejection};
 
 use crate::error::ApiError;
 
+/// Bytes past the limit read and thrown away before the 413 goes out. A
+/// server that answers without reading the body closes a socket with unread
+/// data, which resets the connection: the client, still writing, sees a
+/// broken pipe instead of the 413. Bodies larger still are refused unread.
+const DRAIN_BEYOND_LIMIT: usize = 1 << 20;
+
 /// A JSON object body of at most `limit` bytes: 415 for another content type, 413 when
 /// larger, 400 when empty or not JSON, 422 when JSON of the wrong shape.
 pub fn json_body<T>(limit: usize) -> impl Filter<Extract = (T,), Error = Rejection> + Clone
@@ -26,7 +32,7 @@ where
                 }
                 if let Some(length) = length {
                     match length.trim().parse::<u64>() {
-                        Ok(n) if n > limit as u64 => {
+                        Ok(n) if n > limit.saturating_add(DRAIN_BEYOND_LIMIT) as u64 => {
                             return Err(warp::reject::custom(ApiError::PayloadTooLarge { limit }))
                         }
                         Ok(_) => {}
@@ -50,7 +56,8 @@ where
         })
 }
 
-/// Reads a body (sized or chunked), refusing it as soon as it passes `limit`.
+/// Reads a body (sized or chunked), keeping at most `limit` bytes; a larger
+/// one is drained (up to [`DRAIN_BEYOND_LIMIT`] more) and refused with 413.
 async fn read_limited<S, B>(body: S, limit: usize) -> Result<Vec<u8>, ApiError>
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>>,
@@ -63,6 +70,14 @@ where
         let mut chunk =
             chunk.map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
         if bytes.len() + chunk.remaining() > limit {
+            let mut drained = bytes.len() + chunk.remaining();
+            drop(bytes);
+            while drained <= limit.saturating_add(DRAIN_BEYOND_LIMIT) {
+                match body.next().await {
+                    Some(Ok(chunk)) => drained += chunk.remaining(),
+                    _ => break,
+                }
+            }
             return Err(ApiError::PayloadTooLarge { limit });
         }
         // A Buf may hold its bytes in several slices.
