@@ -192,7 +192,8 @@ impl Accounts {
                 Ok(user)
             }
             _ => {
-                tracing::debug!(username, ip = ?ip, "login refused");
+                // Not the username: people type their password into that field.
+                tracing::debug!(ip = ?ip, "login refused");
                 Err(refused())
             }
         }

@@ -193,6 +193,8 @@ async fn no_password_token_or_key_appears_in_the_debug_log() {
     let jwt_secret = "JwtSecretValue0123456789abcdefXYZ";
     let alice_password = "AliceSecretPw4kR";
     let wrong_password = "WrongSecretPw7nT";
+    // People type their password into the username field.
+    let password_as_username = "TypoSecretPw3vB";
     let server = Binary::start(
         &dir.0,
         &[
@@ -215,6 +217,14 @@ async fn no_password_token_or_key_appears_in_the_debug_log() {
             "/api/v1/auth/login",
             None,
             &json!({"username": "alice", "password": wrong_password}),
+        )
+        .await;
+    assert_eq!(response.status(), 401);
+    let response = server
+        .post(
+            "/api/v1/auth/login",
+            None,
+            &json!({"username": password_as_username, "password": "x"}),
         )
         .await;
     assert_eq!(response.status(), 401);
@@ -315,6 +325,10 @@ async fn no_password_token_or_key_appears_in_the_debug_log() {
         ("the JWT secret", jwt_secret.to_owned()),
         ("alice's password", alice_password.to_owned()),
         ("a wrong password", wrong_password.to_owned()),
+        (
+            "a password typed as username",
+            password_as_username.to_owned(),
+        ),
         ("the API key", key.clone()),
         ("the API key's random part", key[3..].to_owned()),
     ];
