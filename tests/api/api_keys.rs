@@ -224,6 +224,31 @@ async fn only_admin_tokens_manage_keys() {
         let response = app.post_json(KEYS, Some(&admin), &body).await;
         assert_error(response, 422, what).await;
     }
+    // Wrong methods.
+    let response = app
+        .http
+        .put(app.url(KEYS))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 405, "PUT api-keys").await;
+    let response = app
+        .http
+        .delete(app.url(KEYS))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 405, "DELETE api-keys without an id").await;
+    let response = app
+        .http
+        .get(app.url(&format!("{KEYS}/{id}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 405, "GET one api key").await;
     // The key still works after all that.
     accepted(app.post_broadcast(key, &notification("ok")).await).await;
 }
