@@ -7,12 +7,18 @@
 //! - `auth`: both token transports, forged/expired/`none` tokens, in-band refresh;
 //! - `ws`: the frames of §4.1–4.2, delivery, isolation, the close codes;
 //! - `resume`: ordering, history and resume of §4.3;
-//! - `limits`: connection limits, frame floods, slow consumers.
+//! - `limits`: connection limits, frame floods, slow consumers;
+//! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
+//! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
+//! - `logs`: the real binary's log holds no password, token or key.
 
+mod accounts;
+mod api_keys;
 mod auth;
 mod helpers;
 mod http;
 mod limits;
+mod logs;
 mod publish;
 mod resume;
 mod ws;
