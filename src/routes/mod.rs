@@ -2,6 +2,7 @@
 //! `recover` that turns every rejection into the JSON error of SPEC §3.
 
 mod ops;
+mod pages;
 mod publish;
 mod ws;
 
@@ -50,6 +51,7 @@ pub fn all(
         .or(publish::broadcast_publish(shared.clone()))
         .or(publish::user_publish(shared.clone()))
         .or(publish::user_presence(shared))
+        .or(pages::pages())
         .recover(crate::error::recover)
         .with(warp::reply::with::header(
             "x-content-type-options",

@@ -7,12 +7,14 @@
 //! - `auth`: both token transports, forged/expired/`none` tokens, in-band refresh;
 //! - `ws`: the frames of §4.1–4.2, delivery, isolation, the close codes;
 //! - `resume`: ordering, history and resume of §4.3;
-//! - `limits`: connection limits, frame floods, slow consumers.
+//! - `limits`: connection limits, frame floods, slow consumers;
+//! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s).
 
 mod auth;
 mod helpers;
 mod http;
 mod limits;
+mod pages;
 mod publish;
 mod resume;
 mod ws;
