@@ -236,6 +236,8 @@
     this.timers = { retry: null, ping: null, pong: null, refresh: null };
     this.stopped = false;
     this.replayToasts = 0;
+    /** task_id -> query, bounded, so a "completed" toast can name the task. */
+    this.taskNames = new Map();
   }
 
   Client.prototype.on = function (type, fn) {
@@ -536,14 +538,20 @@
   Client.prototype.builtinNotifications = function (frame, meta) {
     var o = this.options;
     if (!o.notifications) return;
+    var data = frame.data || {};
+    if (frame.type === 'task_update' && typeof data.task_id === 'string' && typeof data.query === 'string') {
+      // Later updates often carry only the id: remember the query to name the task.
+      this.taskNames.delete(data.task_id);
+      this.taskNames.set(data.task_id, data.query);
+      if (this.taskNames.size > 500) this.taskNames.delete(this.taskNames.keys().next().value);
+    }
     if (meta.replayed && ++this.replayToasts > 3) return; // a long replay is not a toast storm
     var prefs = loadPrefs();
-    var data = frame.data || {};
     if (frame.type === 'system' && prefs.system && typeof data.message === 'string') {
       notify(data.message, data.level || 'info', 'System');
     } else if (frame.type === 'task_update' && prefs.tasks &&
       (data.status === 'completed' || data.status === 'failed')) {
-      var name = data.query || data.task_id;
+      var name = data.query || this.taskNames.get(data.task_id) || data.task_id;
       notify(String(name), data.status === 'failed' ? 'error' : 'success',
         data.status === 'failed' ? 'Task failed' : 'Task completed');
     }
