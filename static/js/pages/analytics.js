@@ -56,8 +56,12 @@
     return chart;
   }
 
-  function line(label, index, scale) {
-    return { label: label, stroke: COLORS[index % COLORS.length], width: 2, scale: scale || 'y', points: { show: false } };
+  /** A series; sparse ones (a point per poll) show their points, dense ones just the line. */
+  function line(label, index, scale, withPoints) {
+    return {
+      label: label, stroke: COLORS[index % COLORS.length], width: 2, scale: scale || 'y',
+      points: { show: !!withPoints, size: 6, fill: COLORS[index % COLORS.length] }
+    };
   }
 
   /**
@@ -99,7 +103,7 @@
   }
 
   // ---- connections, live -----------------------------------------------------------
-  var connChart = makeChart($('chart-connections'), [line('connections', 0)], {}, CONN_POINTS * STATS_EVERY_MS / 1000, true);
+  var connChart = makeChart($('chart-connections'), [line('connections', 0, 'y', true)], {}, CONN_POINTS * STATS_EVERY_MS / 1000, true);
   var connXs = [];
   var connYs = [];
   function loadStats() {
@@ -115,7 +119,7 @@
   }
 
   // ---- the last hour -----------------------------------------------------------------
-  var hourChart = makeChart($('chart-hour'), [line('connections', 6, 'conn')], {
+  var hourChart = makeChart($('chart-hour'), [line('connections', 6, 'conn', true)], {
     scales: { x: { time: true, range: lastSeconds(3600) }, y: { range: fromZero }, conn: { range: fromZero } },
     axes: [
       Object.assign({ values: clock(false) }, AXIS),

@@ -76,6 +76,7 @@
   page.client.on('*', function (msg) {
     arrivals.push(Date.now());
     received++;
+    renderRate();
     var item = el('li', { 'data-type': msg.type }, [
       el('span', { class: 'feed__type' }, msg.type),
       el('span', { class: 'feed__text' }, describe(msg)),
