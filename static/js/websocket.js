@@ -360,6 +360,7 @@
         return;
       case 'refreshed':
         this.scheduleRefresh();
+        this.emit('@refreshed', data);
         return;
       case 'error':
         this.emit('@error', data);

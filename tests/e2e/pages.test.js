@@ -191,6 +191,26 @@ it('the Reconnect button appears after the last attempt and reconnects', async (
   assert.equal(await button.isHidden(), true);
 });
 
+it('the token is refreshed in-band, without reconnecting', async () => {
+  const { page } = browser;
+  const short = server.token('carol', 'admin', ['--ttl', '10m']);
+  const fresh = server.token('carol', 'admin', ['--ttl', '2h']);
+  await browser.login(short, '/settings.html');
+  await indicator(page, /^Connected$/);
+  const connection = await page.evaluate(() => window.Agentcast.page.client.connection.connection_id);
+  // The page would ask POST /api/v1/auth/refresh (accounts branch); hand it the token instead.
+  const exp = await page.evaluate((token) => new Promise((resolve) => {
+    const client = window.Agentcast.page.client;
+    client.options.refreshToken = () => Promise.resolve(token);
+    client.on('@refreshed', (data) => resolve(data.exp));
+    client.refresh();
+  }), fresh);
+  const claims = JSON.parse(Buffer.from(fresh.split('.')[1], 'base64url').toString());
+  assert.equal(exp, claims.exp, 'the server took the fresh token');
+  assert.equal(await page.evaluate(() => localStorage.getItem('token')), fresh);
+  assert.equal(await page.evaluate(() => window.Agentcast.page.client.connection.connection_id), connection, 'same connection');
+});
+
 it('a user who is not admin sees no admin controls', async () => {
   const { page } = browser;
   const user = server.token('bob', 'user');
@@ -303,8 +323,10 @@ it('screenshots of every page, with live data', async () => {
         document.getAnimations().every((a) => a.playState !== 'running'), null, { timeout: WAIT_MS });
     }
     if (name === 'analytics') {
+      await page.evaluate(() => { window.seen = 0; window.Agentcast.page.client.on('*', () => { window.seen++; }); });
       for (let i = 0; i < 6; i++) await server.broadcast(admin, i % 2 ? 'task_update' : 'notification', i % 2 ? { task_id: 'task-1001', status: 'running', progress: 10 * i } : { text: 'hello ' + i });
-      await page.waitForFunction(() => document.querySelectorAll('#chart-rate .u-series').length >= 3);
+      await page.waitForFunction(() => window.seen >= 6);
+      await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
     }
     if (name === 'settings') await page.locator('#system-list li').first().waitFor();
     await page.evaluate(() => document.querySelectorAll('#notifications .toast').forEach((t) => t.remove()));

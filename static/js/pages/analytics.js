@@ -205,7 +205,20 @@
     var hourSlot = hourSlots.slot(msg.type);
     entry.counts[hourSlot] = (entry.counts[hourSlot] || 0) + 1;
     minutes.set(minute, entry);
+    scheduleDraw();
   });
+
+  /** Redraw on the next frame, once however many messages arrive before it. */
+  var drawPending = false;
+  function scheduleDraw() {
+    if (drawPending) return;
+    drawPending = true;
+    global.requestAnimationFrame(function () {
+      drawPending = false;
+      drawRate();
+      drawHour();
+    });
+  }
   page.client.on('@connected', loadStats);
 
   drawRate();
