@@ -112,6 +112,13 @@ it('a task row appears and changes status and progress live', async () => {
 
   await server.broadcast(admin, 'task_update', { task_id: 'e2e-task-2', status: 'failed', query: 'Broken job' });
   await page.locator('#notifications .toast--error', { hasText: 'Broken job' }).waitFor();
+
+  // The status filter hides the other rows, and says so when nothing matches.
+  await page.locator('#task-filter').selectOption('failed');
+  assert.equal(await page.locator('tr[data-task-id="e2e-task-1"]').isHidden(), true);
+  assert.equal(await page.locator('tr[data-task-id="e2e-task-2"]').isVisible(), true);
+  await page.locator('#task-filter').selectOption('queued');
+  await page.locator('#tasks-nomatch').waitFor();
 });
 
 it('an agent appears and disappears live, with notifications', async () => {
@@ -147,6 +154,8 @@ it('after a server restart the page shows Reconnecting, then Connected, and what
   await context.setOffline(true);
   await server.start();
   await server.broadcast(admin, 'task_update', { task_id: 'e2e-away', status: 'running', query: 'Published while away' });
+  // Offline, the page cannot have reconnected: the message is really missed.
+  assert.notEqual(await page.evaluate(() => window.Agentcast.page.client.state), 'connected');
   const reloads = [];
   page.on('request', (r) => { if (new URL(r.url()).pathname === '/api/v1/tasks') reloads.push(r.url()); });
   await context.setOffline(false); // the `online` event reconnects at once

@@ -10,6 +10,7 @@
   var filter = document.getElementById('task-filter');
   var search = document.getElementById('task-search');
   var rows = new Map();
+  var noMatch = document.getElementById('tasks-nomatch');
   var STATUSES = ['queued', 'running', 'completed', 'failed'];
 
   function progressOf(task) {
@@ -58,8 +59,8 @@
       row.hidden = !matches(task);
       if (!row.hidden) shown++;
     });
-    empty.hidden = shown > 0;
-    if (view.items.size > 0 && shown === 0) empty.textContent = 'No task matches the filter.';
+    empty.hidden = view.items.size > 0;
+    noMatch.hidden = view.items.size === 0 || shown > 0;
   }
 
   function sortKey(task) { return String(task.updated_at || ''); }
