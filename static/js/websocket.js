@@ -48,6 +48,7 @@
     maxDelayMs: 20000,
     /** After the last fast attempt, keep trying this often (plus jitter). */
     slowRetryMs: 30000,
+    /** No answer to a ping (or no first frame after connecting) this long: dead link. */
     pongTimeoutMs: 10000,
     /** Ask for a fresh token this long before `exp`. */
     refreshLeadS: 120,
@@ -307,6 +308,12 @@
     socket.onclose = function (event) { self.onClose(socket, event.code, event.reason); };
     // An error is always followed by a close event, which does the work.
     socket.onerror = function () {};
+    // A handshake into a black hole may never fail by itself: no first frame in
+    // time is a dead link too (the first frame clears this timer, see `heard`).
+    this.timers.pong = global.setTimeout(function () {
+      self.timers.pong = null;
+      self.deadLink();
+    }, this.options.pongTimeoutMs);
     return this;
   };
 

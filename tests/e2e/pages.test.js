@@ -220,6 +220,31 @@ it('the token is refreshed in-band, without reconnecting', async () => {
   assert.equal(await page.evaluate(() => window.Agentcast.page.client.connection.connection_id), connection, 'same connection');
 });
 
+it('a missing pong is a dead link: the page reconnects and resumes', async () => {
+  const { page } = browser;
+  await browser.login(admin, '/tasks.html');
+  await indicator(page, /^Connected$/);
+  const before = await page.evaluate(() => window.Agentcast.page.client.connection.connection_id);
+  // Swallow the pings (as a dead NAT would), with short timers for the test.
+  await page.evaluate(() => {
+    const client = window.Agentcast.page.client;
+    const send = client.send;
+    client.options.pongTimeoutMs = 300;
+    client.send = function (frame) {
+      if (frame.type === 'ping') { client.send = send; return true; }
+      return send.call(client, frame);
+    };
+    client.heartbeatMs = 100;
+    client.schedulePing();
+  });
+  await indicator(page, /^Reconnecting/);
+  await indicator(page, /^Connected$/);
+  const after = await page.evaluate(() => window.Agentcast.page.client.connection.connection_id);
+  assert.notEqual(after, before, 'a new connection');
+  await server.broadcast(admin, 'task_update', { task_id: 'e2e-after-dead-link', status: 'running' });
+  await page.locator('tr[data-task-id="e2e-after-dead-link"]').waitFor();
+});
+
 it('a user who is not admin sees no admin controls', async () => {
   const { page } = browser;
   const user = server.token('bob', 'user');
