@@ -65,10 +65,16 @@
 
   /** Two clicks to revoke: the first arms the button, the second revokes. */
   function confirmRevoke(button, key) {
+    var label = 'Revoke key ' + key.name;
     if (button.getAttribute('data-armed') !== 'yes') {
       button.setAttribute('data-armed', 'yes');
       button.textContent = 'Confirm revoke';
-      global.setTimeout(function () { button.removeAttribute('data-armed'); button.textContent = 'Revoke'; }, 5000);
+      button.setAttribute('aria-label', 'Confirm: revoke key ' + key.name);
+      global.setTimeout(function () {
+        button.removeAttribute('data-armed');
+        button.textContent = 'Revoke';
+        button.setAttribute('aria-label', label);
+      }, 5000);
       return;
     }
     button.disabled = true;
