@@ -169,7 +169,8 @@
     var region = notificationRegion();
     var toast = global.document.createElement('div');
     toast.className = 'toast toast--' + level;
-    toast.setAttribute('role', level === 'error' ? 'alert' : 'status');
+    // The region is already polite-live; only errors interrupt.
+    if (level === 'error') toast.setAttribute('role', 'alert');
     if (title) {
       var strong = global.document.createElement('strong');
       strong.className = 'toast__title';

@@ -27,7 +27,7 @@ const ADMIN_PASSWORD = 'e2e-admin-password-' + Math.random().toString(36).slice(
 const NETWORK_DOWN = /WebSocket connection to '[^']*' failed|net::ERR_(CONNECTION_REFUSED|CONNECTION_RESET|CONNECTION_CLOSED|EMPTY_RESPONSE|INTERNET_DISCONNECTED)/;
 
 /** Endpoints built on other branches; until they exist, the pages get a 404. */
-const PENDING_CANDIDATES = ['/api/v1/tasks', '/api/v1/agents', '/api/v1/analytics', '/api/v1/api-keys', '/api/v1/auth/refresh'];
+const PENDING_CANDIDATES = ['/api/v1/tasks', '/api/v1/agents', '/api/v1/analytics', '/api/v1/api-keys', '/api/v1/auth/refresh', '/api/v1/auth/login'];
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -154,7 +154,7 @@ class Server {
   async pendingEndpoints(adminToken) {
     const pending = new Set();
     for (const endpoint of PENDING_CANDIDATES) {
-      const method = endpoint.endsWith('/refresh') ? 'POST' : 'GET';
+      const method = endpoint.startsWith('/api/v1/auth/') ? 'POST' : 'GET';
       const result = await this.request(method, endpoint, adminToken, method === 'POST' ? {} : undefined);
       if (result.status === 404) pending.add(endpoint);
     }
