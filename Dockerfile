@@ -4,6 +4,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The pages are compiled into the binary (rust-embed).
+COPY static ./static
 RUN cargo build --release --locked && strip target/release/agentcast
 
 # Run: a slim image, a non-root user, state on a volume.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test of agentcast: formatting, lints, unit and integration tests.
+# Every test of agentcast: formatting, lints, unit and integration tests, then the
+# browser tests of the pages (Debian's chromium driven by playwright-core).
 # Installs what it needs on a fresh machine, so CI and a newcomer run the same thing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,3 +18,27 @@ cargo clippy --locked --all-targets -- -D warnings
 
 echo "== cargo test"
 cargo test --locked --all-targets
+
+# ---- browser tests -------------------------------------------------------------
+# A browser from the distribution (never a downloaded build): chromium from apt.
+CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"
+if [ ! -x "$CHROMIUM_PATH" ]; then
+  echo "== installing chromium"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+export CHROMIUM_PATH
+
+# playwright-core only (it downloads no browser), pinned by the committed lock file.
+if [ ! -d tests/e2e/node_modules/playwright-core ]; then
+  echo "== npm ci (tests/e2e)"
+  (cd tests/e2e && npm ci --no-audit --no-fund)
+fi
+
+echo "== cargo build (the binary the browser tests run)"
+cargo build --locked
+
+echo "== browser tests"
+(cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec .)

@@ -9,7 +9,8 @@
 //! - [`config`]: flags and environment -> validated [`config::Settings`].
 //! - [`app`]: binds the listener, builds the server, runs it, drains it.
 //! - [`routes`]: warp filters, one per endpoint; [`error`] maps every failure to
-//!   the JSON error body.
+//!   the JSON error body. `routes::pages` serves the pages of `static/`, embedded
+//!   in the binary.
 //! - [`auth`]: token claims, pinned algorithms, publisher checks (JWT or API key).
 //! - [`accounts`]: the bootstrap admin, signup, login and its failed-login limiter.
 //! - [`hub`]: the fan-out core — tenants, connections, outboxes, and the

@@ -5,6 +5,7 @@ mod accounts;
 mod api_keys;
 mod body;
 mod ops;
+mod pages;
 mod publish;
 mod ws;
 
@@ -63,6 +64,7 @@ pub fn all(
         .or(api_keys::api_keys_create(shared.clone()))
         .or(api_keys::api_keys_list(shared.clone()))
         .or(api_keys::api_keys_revoke(shared))
+        .or(pages::pages())
         .recover(crate::error::recover)
         .with(warp::reply::with::header(
             "x-content-type-options",

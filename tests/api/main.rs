@@ -10,7 +10,8 @@
 //! - `limits`: connection limits, frame floods, slow consumers;
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
 //! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
-//! - `logs`: the real binary's log holds no password, token or key.
+//! - `logs`: the real binary's log holds no password, token or key;
+//! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s).
 
 mod accounts;
 mod api_keys;
@@ -19,6 +20,7 @@ mod helpers;
 mod http;
 mod limits;
 mod logs;
+mod pages;
 mod publish;
 mod resume;
 mod ws;
