@@ -179,7 +179,7 @@ async function openBrowser(server, pending) {
     viewport: { width: 1280, height: 800 }
   });
   const problems = [];
-  const state = { serverDown: false };
+  const state = { serverDown: false, refusals: [] };
   await context.addInitScript(() => {
     document.addEventListener('securitypolicyviolation', (e) => {
       console.error('CSP violation: ' + e.violatedDirective + ' blocked ' + e.blockedURI);
@@ -193,6 +193,8 @@ async function openBrowser(server, pending) {
       if (url && pending.has(url.pathname) && /status of 404/.test(msg.text())) return;
       // Chrome also logs each failed connection attempt while a test holds the server down.
       if (state.serverDown && NETWORK_DOWN.test(msg.text())) return;
+      // A refusal the test provokes on purpose (a wrong password) is logged by Chrome too.
+      if (url && state.refusals.some((r) => r.path === url.pathname && msg.text().includes('status of ' + r.status))) return;
       problems.push('console error on ' + page.url() + ': ' + msg.text());
     });
     page.on('pageerror', (error) => problems.push('uncaught exception on ' + page.url() + ': ' + error.message));
@@ -220,6 +222,8 @@ async function openBrowser(server, pending) {
      * stopped on purpose) are expected, not problems.
      */
     set serverDown(value) { state.serverDown = value; },
+    /** The test provokes `status` from `path` on purpose: Chrome's log of it is expected. */
+    expectRefusal(path, status) { state.refusals.push({ path, status }); },
     /** Stores `token` like a login would, then opens `urlPath`. */
     async login(token, urlPath) {
       await page.goto(server.base + '/login.html');

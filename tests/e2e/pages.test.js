@@ -305,6 +305,7 @@ it('without a token the authenticated pages go to login and open no socket', asy
 
 it('the login form checks its fields and explains a refusal', async () => {
   const { page } = browser;
+  browser.expectRefusal('/api/v1/auth/login', 401);
   await page.goto(server.base + '/login.html');
   await page.getByRole('button', { name: 'Log in' }).click();
   await page.locator('#auth-status.is-error', { hasText: 'Enter a username and a password.' }).waitFor();
@@ -326,6 +327,7 @@ it('the login form logs in and opens the dashboard (needs the accounts endpoints
     return;
   }
   const { page } = browser;
+  browser.expectRefusal('/api/v1/auth/login', 401);
   await page.goto(server.base + '/login.html');
   await page.getByLabel('Username').fill('admin');
   await page.getByLabel('Password').fill('wrong-password');
