@@ -18,6 +18,7 @@ use crate::auth::Authenticator;
 use crate::config::{ConfigError, Settings};
 use crate::hub::session::SessionConfig;
 use crate::hub::{Hub, Limits};
+use crate::log::{LogStore, LogStoreKind, TenantLog};
 use crate::metrics::Metrics;
 use crate::routes::{self, PeerAddr, Shared};
 use crate::shutdown::Shutdown;
@@ -66,6 +67,10 @@ pub async fn serve(
     let auth = Arc::new(Authenticator::new(&settings)?);
     let store = open_store(&settings).await?;
     let metrics = Arc::new(Metrics::new());
+    let logs = match settings.log_store {
+        LogStoreKind::Sqlite => LogStore::Sqlite(store.clone()),
+        LogStoreKind::Memory => LogStore::Memory,
+    };
     let hub = Hub::new(
         Limits {
             history_size: settings.history_size,
@@ -74,7 +79,9 @@ pub async fn serve(
             max_connections_per_user: settings.max_connections_per_user,
         },
         metrics,
+        logs.clone(),
     );
+    hub.restore(load_logs(logs, settings.history_size).await?);
     let shutdown = Shutdown::new();
     let sessions = Arc::new(SessionConfig {
         hub: hub.clone(),
@@ -175,6 +182,23 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
         .await
         .map_err(|e| StoreError::Io(format!("store open task failed: {e}")))?
         .map_err(AppError::from)
+}
+
+/// Every stored tenant log with its newest `history` messages, read off the
+/// async threads; the hub serves resumes from them as if it never stopped.
+async fn load_logs(logs: LogStore, history: usize) -> Result<Vec<(String, TenantLog)>, AppError> {
+    let started = std::time::Instant::now();
+    let loaded = tokio::task::spawn_blocking(move || logs.load(history))
+        .await
+        .map_err(|e| StoreError::Io(format!("log load task failed: {e}")))??;
+    let messages: usize = loaded.iter().map(|(_, log)| log.len()).sum();
+    tracing::info!(
+        tenants = loaded.len(),
+        messages,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "tenant logs loaded"
+    );
+    Ok(loaded)
 }
 
 /// fly.io names each machine; elsewhere the host name will do.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
+pub use crate::log::LogStoreKind;
 
 /// `agentcast`: real-time updates for an agent/task platform.
 #[derive(Debug, Parser)]
@@ -46,9 +47,13 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
 
-    /// Folder for state (the generated JWT secret; the store in later versions).
+    /// Folder for state: the SQLite store agentcast.db and the generated JWT secret.
     #[arg(long, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// Where tenant logs live: sqlite (durable, 202 after commit) or memory (lost on restart).
+    #[arg(long, env = "LOG_STORE", value_enum, default_value = "sqlite")]
+    pub log_store: LogStoreKind,
 
     /// HS256 secret for tokens. Unset: generated once and kept in DATA_DIR/jwt_secret.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -161,6 +166,8 @@ pub struct Settings {
     pub bind: IpAddr,
     pub port: u16,
     pub data_dir: PathBuf,
+    /// The engine of the tenant logs (`LOG_STORE`).
+    pub log_store: LogStoreKind,
     pub jwt_secret: Secret,
     pub jwt_public_key: Option<String>,
     /// Clock skew allowed on `exp`; 30 s in production, 0 in tests that watch expiry.
@@ -201,6 +208,7 @@ impl Settings {
             bind: args.bind,
             port: args.port,
             data_dir: args.data_dir,
+            log_store: args.log_store,
             jwt_secret,
             jwt_public_key: args.jwt_public_key,
             jwt_leeway: Duration::from_secs(30),
@@ -234,6 +242,7 @@ impl Settings {
             bind: IpAddr::from([127, 0, 0, 1]),
             port: 0,
             data_dir: data_dir.into(),
+            log_store: LogStoreKind::Sqlite,
             jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
             jwt_public_key: None,
             jwt_leeway: Duration::ZERO,

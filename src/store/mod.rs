@@ -173,14 +173,48 @@ impl Default for StoreOptions {
 pub struct StoredMessage {
     pub tenant: String,
     pub seq: u64,
-    /// `None` for a tenant broadcast.
-    pub target_user: Option<String>,
+    /// Who may see it; survives a restart so replay after one addresses the
+    /// same connections as the live delivery did.
+    pub target: StoredTarget,
     /// The message `type`, kept so views can be rebuilt from history.
     pub kind: String,
     /// The frame exactly as it goes on the socket (serialized once).
     pub body: String,
     pub id: String,
     pub ts_ms: i64,
+}
+
+/// The addressees of a stored message inside its tenant, as the columns
+/// `target_user` and `target_role` (migration 2) hold them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredTarget {
+    /// Every connection of the tenant (both columns NULL).
+    Broadcast,
+    /// Every connection of one user (`target_user`).
+    User(String),
+    /// Every admin connection (`target_role = 'admin'`).
+    Admins,
+}
+
+impl StoredTarget {
+    /// The `(target_user, target_role)` column values.
+    pub(crate) fn columns(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            StoredTarget::Broadcast => (None, None),
+            StoredTarget::User(user) => (Some(user), None),
+            StoredTarget::Admins => (None, Some("admin")),
+        }
+    }
+
+    /// Back from the columns. A role other than `admin` cannot be stored
+    /// (the schema checks it); a row with both set is read as the user's.
+    pub(crate) fn from_columns(user: Option<String>, role: Option<String>) -> StoredTarget {
+        match (user, role) {
+            (Some(user), _) => StoredTarget::User(user),
+            (None, Some(_)) => StoredTarget::Admins,
+            (None, None) => StoredTarget::Broadcast,
+        }
+    }
 }
 
 /// One tenant log as found at start-up.

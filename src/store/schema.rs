@@ -97,6 +97,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, agent_id)
     ) WITHOUT ROWID;
     "#,
+    // 2: messages addressed to a tenant's admins (Target::Admins) must stay
+    // addressed to them after a restart; `target_user` alone cannot say so.
+    // NULL: no role restriction (a broadcast, or a user's message).
+    r#"
+    ALTER TABLE messages ADD COLUMN target_role TEXT
+        CHECK (target_role IS NULL OR target_role = 'admin');
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -357,17 +357,19 @@ impl Writer {
                 message.seq, message.tenant
             )));
         }
+        let (target_user, target_role) = message.target.columns();
         self.conn
             .prepare_cached(
-                "INSERT INTO messages (tenant, seq, id, kind, target_user, ts_ms, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO messages (tenant, seq, id, kind, target_user, target_role, ts_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 message.tenant,
                 seq,
                 message.id,
                 message.kind,
-                message.target_user,
+                target_user,
+                target_role,
                 message.ts_ms,
                 message.body,
             ])?;
