@@ -7,9 +7,12 @@
 //! - `auth`: both token transports, forged/expired/`none` tokens, in-band refresh;
 //! - `ws`: the frames of §4.1–4.2, delivery, isolation, the close codes;
 //! - `resume`: ordering, history and resume of §4.3;
-//! - `limits`: connection limits, frame floods, slow consumers.
+//! - `limits`: connection limits, frame floods, slow consumers;
+//! - `durability`: the durable log across clean restarts, `kill -9` and a store
+//!   that cannot commit (issue 3).
 
 mod auth;
+mod durability;
 mod helpers;
 mod http;
 mod limits;
