@@ -19,6 +19,7 @@
 //! writer thread takes it only to commit, holding nothing else, so the two
 //! cannot deadlock.
 
+pub mod analytics;
 pub mod outbox;
 pub mod session;
 pub mod wire;
@@ -33,6 +34,7 @@ use crate::auth::Role;
 use crate::log::{Appended, LogEntry, LogStore, Replay, TenantLog};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
+use analytics::{Analytics, Minute};
 use outbox::Outbox;
 use wire::{Envelope, Target};
 
@@ -78,6 +80,8 @@ struct TenantState {
     connections: HashMap<u64, Connection>,
     /// user id -> ids of that user's connections (all tabs).
     users: HashMap<Arc<str>, Vec<u64>>,
+    /// Per-minute counters for `GET /api/v1/analytics`.
+    analytics: Analytics,
 }
 
 #[derive(Debug)]
@@ -202,6 +206,7 @@ impl Hub {
             let entry = LogEntry {
                 tenant: tenant_name,
                 kind,
+                data,
                 id: &id,
                 ts_ms,
                 envelope: &envelope,
@@ -209,15 +214,16 @@ impl Hub {
             let on_commit = || -> Box<dyn FnOnce() + Send> {
                 let (tenant, envelope, recipients) =
                     (tenant.clone(), envelope.clone(), recipients.clone());
+                let kind: Box<str> = kind.into();
                 Box::new(move || {
                     if let Some(state) = tenant.lock().as_mut() {
-                        recipients.store(state.commit(envelope), Ordering::Relaxed);
+                        recipients.store(state.commit(envelope, &kind), Ordering::Relaxed);
                     }
                 })
             };
             match self.inner.logs.append(entry, on_commit) {
                 Ok(Appended::Now) => {
-                    recipients.store(state.commit(envelope), Ordering::Relaxed);
+                    recipients.store(state.commit(envelope, kind), Ordering::Relaxed);
                     (seq, None)
                 }
                 Ok(Appended::Queued(committed)) => (seq, Some(committed)),
@@ -308,6 +314,10 @@ impl Hub {
             head: state.log.head(),
             replay: resume.map(|(since, epoch)| state.log.resume(since, epoch, &user, role)),
         };
+        let replayed = snapshot.replay.as_ref().map_or(0, |r| r.entries.len());
+        state
+            .analytics
+            .connection(state.connections.len(), replayed);
         drop(guard);
         self.inner.metrics.connections_total.inc();
         self.inner.metrics.connections_current.inc();
@@ -332,6 +342,18 @@ impl Hub {
             .as_ref()
             .and_then(|s| s.users.get(user))
             .map_or(0, Vec::len)
+    }
+
+    /// The tenant's per-minute counters for the last hour.
+    pub fn analytics(&self, tenant: &str) -> Vec<Minute> {
+        let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
+        match tenants.get(tenant) {
+            Some(tenant) => tenant
+                .lock()
+                .as_ref()
+                .map_or_else(|| Analytics::default().report(), |s| s.analytics.report()),
+            None => Analytics::default().report(),
+        }
     }
 
     /// Open connections on this node.
@@ -384,14 +406,16 @@ impl TenantState {
             log,
             connections: HashMap::new(),
             users: HashMap::new(),
+            analytics: Analytics::default(),
         }
     }
 
-    /// A committed message: into the history and the addressed outboxes.
-    /// Returns how many connections it addressed.
-    fn commit(&mut self, envelope: Arc<Envelope>) -> usize {
+    /// A committed message of type `kind`: into the history, the addressed
+    /// outboxes and the counters. Returns how many connections it addressed.
+    fn commit(&mut self, envelope: Arc<Envelope>, kind: &str) -> usize {
         let recipients = self.fan_out(&envelope);
         self.log.push(envelope);
+        self.analytics.message(kind, recipients);
         recipients
     }
 

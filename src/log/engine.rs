@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::TenantLog;
 use crate::hub::wire::{Envelope, Target};
-use crate::store::{Store, StoreError, StoredMessage, StoredTarget};
+use crate::store::{Store, StoreError, StoredMessage, StoredTarget, ViewUpdate};
 
 /// Runs once the message is committed (on the store's writer thread).
 pub type OnCommit = Box<dyn FnOnce() + Send>;
@@ -61,6 +61,8 @@ pub enum Appended {
 pub struct LogEntry<'a> {
     pub tenant: &'a str,
     pub kind: &'a str,
+    /// The message's `data`, for the views a `task_update` or `agent_update` changes.
+    pub data: &'a serde_json::Value,
     pub id: &'a str,
     pub ts_ms: i64,
     pub envelope: &'a Envelope,
@@ -92,6 +94,7 @@ impl LogStore {
                     body: entry.envelope.text.as_str().to_owned(),
                     id: entry.id.to_owned(),
                     ts_ms: entry.ts_ms,
+                    view: ViewUpdate::of(entry.kind, entry.data),
                 };
                 let committed = store.try_append(message, on_commit())?;
                 Ok(Appended::Queued(Box::pin(committed)))

@@ -3,6 +3,7 @@
 
 mod ops;
 mod publish;
+mod views;
 mod ws;
 
 use std::convert::Infallible;
@@ -49,7 +50,10 @@ pub fn all(
         .or(ws::ws_connect(shared.clone()))
         .or(publish::broadcast_publish(shared.clone()))
         .or(publish::user_publish(shared.clone()))
-        .or(publish::user_presence(shared))
+        .or(publish::user_presence(shared.clone()))
+        .or(views::tasks_list(shared.clone()))
+        .or(views::agents_list(shared.clone()))
+        .or(views::analytics_get(shared))
         .recover(crate::error::recover)
         .with(warp::reply::with::header(
             "x-content-type-options",

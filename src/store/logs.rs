@@ -138,6 +138,7 @@ fn load(conn: &Connection, history: usize) -> Result<Vec<LoadedLog>, StoreError>
                     body: row.get(4)?,
                     id: row.get(5)?,
                     ts_ms: row.get(6)?,
+                    view: None,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -176,6 +177,7 @@ mod tests {
             body: format!(r#"{{"type":"notification","data":{{}},"seq":{seq}}}"#),
             id: format!("id-{seq}"),
             ts_ms: 1_700_000_000_000 + i64::try_from(seq).unwrap(),
+            view: None,
         }
     }
 

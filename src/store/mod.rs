@@ -26,7 +26,10 @@ mod accounts;
 mod api_keys;
 mod logs;
 mod schema;
+mod views;
 mod writer;
+
+pub use views::{AgentEntry, TaskEntry, ViewUpdate, Viewer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -182,6 +185,9 @@ pub struct StoredMessage {
     pub body: String,
     pub id: String,
     pub ts_ms: i64,
+    /// What the message changes in the views (a `task_update` or an
+    /// `agent_update`), applied in the same transaction as the append.
+    pub view: Option<ViewUpdate>,
 }
 
 /// The addressees of a stored message inside its tenant, as the columns

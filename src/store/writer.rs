@@ -377,6 +377,37 @@ impl Writer {
                 message.seq, message.tenant
             )));
         }
+        match &message.view {
+            None => self.insert_row(message, seq)?,
+            // The row and its view change stand or fall together.
+            Some(view) => {
+                self.conn.execute_batch("SAVEPOINT message")?;
+                let result = self
+                    .insert_row(message, seq)
+                    .and_then(|()| view.apply(&self.conn, message));
+                if result.is_err() && !self.conn.is_autocommit() {
+                    self.conn.execute_batch("ROLLBACK TO message")?;
+                }
+                if !self.conn.is_autocommit() {
+                    self.conn.execute_batch("RELEASE message")?;
+                }
+                result?;
+            }
+        }
+        match batch_heads.get_mut(&message.tenant) {
+            Some(head) => *head = message.seq,
+            None => {
+                batch_heads.insert(message.tenant.clone(), message.seq);
+            }
+        }
+        self.appended_since_trim += 1;
+        if !self.trim_dirty.contains(&message.tenant) {
+            self.trim_dirty.insert(message.tenant.clone());
+        }
+        Ok(())
+    }
+
+    fn insert_row(&self, message: &StoredMessage, seq: i64) -> Result<(), StoreError> {
         let (target_user, target_role) = message.target.columns();
         self.conn
             .prepare_cached(
@@ -393,16 +424,6 @@ impl Writer {
                 message.ts_ms,
                 message.body,
             ])?;
-        match batch_heads.get_mut(&message.tenant) {
-            Some(head) => *head = message.seq,
-            None => {
-                batch_heads.insert(message.tenant.clone(), message.seq);
-            }
-        }
-        self.appended_since_trim += 1;
-        if !self.trim_dirty.contains(&message.tenant) {
-            self.trim_dirty.insert(message.tenant.clone());
-        }
         Ok(())
     }
 

@@ -9,7 +9,8 @@
 //! - `resume`: ordering, history and resume of §4.3;
 //! - `limits`: connection limits, frame floods, slow consumers;
 //! - `durability`: the durable log across clean restarts, `kill -9` and a store
-//!   that cannot commit (issue 3).
+//!   that cannot commit (issue 3);
+//! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts.
 
 mod auth;
 mod durability;
@@ -18,4 +19,5 @@ mod http;
 mod limits;
 mod publish;
 mod resume;
+mod views;
 mod ws;
