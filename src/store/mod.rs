@@ -1,6 +1,7 @@
 //! The embedded durable store: one SQLite file, `DATA_DIR/agentcast.db`,
 //! holding accounts, API-key hashes, every tenant log's epoch, head and
-//! history, and (next) the views.
+//! history, and the views (`views.rs`), which change in the same transaction
+//! as the message that changes them.
 //!
 //! [`Store`] is a cheap clone-able handle. Behind it:
 //! - one **writer thread** (`writer.rs`) owns the only read-write connection.
