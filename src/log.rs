@@ -107,6 +107,11 @@ impl TenantLog {
         seq
     }
 
+    /// The seq [`TenantLog::assign`] hands out next.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
     /// Takes back `seq` if it is the last one handed out. Only for a seq no
     /// store ever saw (its append was refused synchronously, under the same
     /// lock as [`TenantLog::assign`]), so nobody can have seen it either.
@@ -294,5 +299,22 @@ mod tests {
         assert_eq!(log.assign(), 10);
         assert!(!log.resume(4, "e", "u", Role::User).complete);
         assert!(log.resume(5, "e", "u", Role::User).complete);
+    }
+
+    #[test]
+    fn adopting_the_stores_epoch_drops_the_cached_history() {
+        let mut log = TenantLog::new(10);
+        log.assign();
+        log.push(envelope(1));
+        let epoch = log.epoch().to_owned();
+        log.adopt(epoch.clone(), 0);
+        assert_eq!(
+            (log.len(), log.head()),
+            (1, 1),
+            "same epoch: nothing changes"
+        );
+        log.adopt("stored".into(), 7);
+        assert_eq!((log.epoch(), log.head(), log.len()), ("stored", 7, 0));
+        assert_eq!(log.assign(), 8);
     }
 }

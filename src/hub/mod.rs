@@ -708,5 +708,46 @@ mod tests {
             assert_eq!(acked, (1..=400).collect::<Vec<_>>());
             assert_eq!(seqs(&member), acked, "in seq order, each once");
         }
+
+        /// The snapshot of a registering connection holds committed messages
+        /// only; one queued before it and committed after it reaches the new
+        /// connection live, once.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_message_committed_after_the_snapshot_reaches_the_new_connection() {
+            let dir = TempDir::new();
+            let store = open(&dir);
+            let hub = durable_hub(&store, 16);
+            let (old, first) = hub.register("t", "u", Role::User, None).unwrap();
+            hub.publish("t", "x", &data(), Target::Broadcast)
+                .await
+                .unwrap();
+            // Another connection holds the write lock: the writer waits in BEGIN.
+            let locker =
+                rusqlite::Connection::open(dir.path().join(crate::store::FILE_NAME)).unwrap();
+            locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+            let publishing = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.publish("t", "x", &data(), Target::Broadcast).await })
+            };
+            let next_seq = || {
+                let tenant = hub.tenant("t");
+                let mut guard = tenant.lock();
+                hub.state(&mut guard).log.next_seq()
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while next_seq() < 3 {
+                assert!(std::time::Instant::now() < deadline, "seq 2 never assigned");
+                tokio::task::yield_now().await;
+            }
+            let resume = Some((1, first.epoch.as_str()));
+            let (member, snapshot) = hub.register("t", "u", Role::User, resume).unwrap();
+            assert_eq!(snapshot.head, 1, "seq 2 is not committed yet");
+            assert!(replayed(snapshot).is_empty());
+            drop(locker);
+            let receipt = publishing.await.unwrap().unwrap();
+            assert_eq!((receipt.seq, receipt.recipients), (2, 2));
+            assert_eq!(seqs(&member), [2]);
+            assert_eq!(seqs(&old), [1, 2]);
+        }
     }
 }
