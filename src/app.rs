@@ -15,14 +15,14 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Authenticator;
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Settings, StoreSync};
 use crate::hub::session::SessionConfig;
 use crate::hub::{Hub, Limits};
 use crate::log::{LogStore, LogStoreKind, TenantLog};
 use crate::metrics::Metrics;
 use crate::routes::{self, PeerAddr, Shared};
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{Durability, Store, StoreError, StoreOptions};
 
 /// Pending connections the kernel keeps for us. warp's `run` uses 128, which made
 /// bursts of handshakes stall for a second on SYN retransmits.
@@ -176,7 +176,10 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
     let data_dir = settings.data_dir.clone();
     let options = StoreOptions {
         history_size: settings.history_size,
-        ..StoreOptions::default()
+        durability: match settings.store_sync {
+            StoreSync::Full => Durability::Full,
+            StoreSync::Normal => Durability::Normal,
+        },
     };
     tokio::task::spawn_blocking(move || Store::open_with(&data_dir, options))
         .await

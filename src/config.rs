@@ -14,6 +14,16 @@ use clap::{Args, Parser, Subcommand};
 use crate::bench::BenchArgs;
 pub use crate::log::LogStoreKind;
 
+/// The `STORE_SYNC` setting: how hard a commit holds on to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StoreSync {
+    /// fsync the WAL at every commit (SQLite `synchronous = FULL`).
+    #[default]
+    Full,
+    /// fsync at checkpoints only (`synchronous = NORMAL`).
+    Normal,
+}
+
 /// `agentcast`: real-time updates for an agent/task platform.
 #[derive(Debug, Parser)]
 #[command(name = "agentcast", version, about, long_about = None)]
@@ -54,6 +64,11 @@ pub struct ServeArgs {
     /// Where tenant logs live: sqlite (durable, 202 after commit) or memory (lost on restart).
     #[arg(long, env = "LOG_STORE", value_enum, default_value = "sqlite")]
     pub log_store: LogStoreKind,
+
+    /// When a commit reaches the disk: full (fsync every commit: survives power loss)
+    /// or normal (fsync at checkpoints: survives kill -9, a power loss may drop the last commits).
+    #[arg(long, env = "STORE_SYNC", value_enum, default_value = "full")]
+    pub store_sync: StoreSync,
 
     /// HS256 secret for tokens. Unset: generated once and kept in DATA_DIR/jwt_secret.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -168,6 +183,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The engine of the tenant logs (`LOG_STORE`).
     pub log_store: LogStoreKind,
+    /// fsync policy of the store (`STORE_SYNC`).
+    pub store_sync: StoreSync,
     pub jwt_secret: Secret,
     pub jwt_public_key: Option<String>,
     /// Clock skew allowed on `exp`; 30 s in production, 0 in tests that watch expiry.
@@ -209,6 +226,7 @@ impl Settings {
             port: args.port,
             data_dir: args.data_dir,
             log_store: args.log_store,
+            store_sync: args.store_sync,
             jwt_secret,
             jwt_public_key: args.jwt_public_key,
             jwt_leeway: Duration::from_secs(30),
@@ -243,6 +261,7 @@ impl Settings {
             port: 0,
             data_dir: data_dir.into(),
             log_store: LogStoreKind::Sqlite,
+            store_sync: StoreSync::Full,
             jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
             jwt_public_key: None,
             jwt_leeway: Duration::ZERO,
