@@ -403,6 +403,35 @@ mod tests {
     }
 
     #[test]
+    fn log_store_and_store_sync_default_to_durable_and_parse() {
+        // The defaults, unless the environment running the test sets them.
+        if std::env::var_os("LOG_STORE").is_none() && std::env::var_os("STORE_SYNC").is_none() {
+            let cli = Cli::try_parse_from(["agentcast"]).unwrap();
+            assert_eq!(
+                (cli.serve.log_store, cli.serve.store_sync),
+                (LogStoreKind::Sqlite, StoreSync::Full)
+            );
+        }
+        let cli = Cli::try_parse_from([
+            "agentcast",
+            "serve",
+            "--log-store",
+            "memory",
+            "--store-sync",
+            "normal",
+        ])
+        .unwrap();
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!("serve subcommand");
+        };
+        assert_eq!(
+            (args.log_store, args.store_sync),
+            (LogStoreKind::Memory, StoreSync::Normal)
+        );
+        assert!(Cli::try_parse_from(["agentcast", "--log-store", "redis"]).is_err());
+    }
+
+    #[test]
     fn secret_is_generated_once_and_kept() {
         let dir = std::env::temp_dir().join(format!("agentcast-cfg-{}", uuid::Uuid::new_v4()));
         let first = resolve_secret(None, &dir).unwrap();
