@@ -14,6 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::accounts::Accounts;
 use crate::auth::Authenticator;
 use crate::config::{ConfigError, Settings, StoreSync};
 use crate::hub::session::SessionConfig;
@@ -99,10 +100,13 @@ pub async fn serve(
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(Some(settings.max_message_bytes))
         .max_frame_size(Some(settings.max_message_bytes));
+    let accounts = Arc::new(Accounts::new(store.clone(), settings.accounts.clone()));
+    accounts.bootstrap_admin(&login_url(&listener)?).await?;
     let shared = Arc::new(Shared {
         hub,
         auth,
         store: store.clone(),
+        accounts,
         sessions,
         ws_config,
         max_message_bytes: settings.max_message_bytes,
@@ -202,6 +206,17 @@ async fn load_logs(logs: LogStore, history: usize) -> Result<Vec<(String, Tenant
         "tenant logs loaded"
     );
     Ok(loaded)
+}
+
+/// Where a newcomer logs in, for the bootstrap admin's log line.
+fn login_url(listener: &TcpListener) -> std::io::Result<String> {
+    let addr = listener.local_addr()?;
+    let host = if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    Ok(format!("http://{host}/login.html"))
 }
 
 /// fly.io names each machine; elsewhere the host name will do.

@@ -3,8 +3,11 @@
 //!
 //! The algorithm is pinned by configuration (HS256 with our secret, plus RS256 or
 //! ES256 when `JWT_PUBLIC_KEY` is set), never taken from the token: a token whose
-//! header names anything else, `none` included, is refused. API keys and stored
-//! accounts plug in behind [`Authenticator::publisher`] in a later step.
+//! header names anything else, `none` included, is refused.
+//!
+//! API keys (`ak_…`, SPEC §2) are the other credential: they are looked up by
+//! their SHA-256 hash in the store, authorize the publish endpoints of their
+//! own tenant only, and never open a WebSocket.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Settings};
 use crate::error::ApiError;
+use crate::store::{hash_api_key, looks_like_api_key, Store};
 
 /// What a token lets its holder do inside its tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -72,15 +76,58 @@ impl Claims {
 pub enum Principal {
     /// An admin (or user) JWT.
     User(Claims),
+    /// An API key: its id (never the key) and the tenant it was made in, which
+    /// is the only tenant it may publish to.
+    ApiKey { id: String, tenant: String },
 }
 
 impl Principal {
     pub fn tenant(&self) -> &str {
         match self {
             Principal::User(claims) => &claims.tenant,
+            Principal::ApiKey { tenant, .. } => tenant,
         }
     }
 }
+
+/// A credential as the request presented it, before any check.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    Token(&'a str),
+    ApiKey(&'a str),
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::Token(_) => "Token(***)",
+            Credential::ApiKey(_) => "ApiKey(***)",
+        })
+    }
+}
+
+impl<'a> Credential<'a> {
+    /// `Authorization: Bearer <jwt | ak_…>`, else `X-API-Key: ak_…`.
+    pub fn from_headers(authorization: Option<&'a str>, api_key: Option<&'a str>) -> Option<Self> {
+        if let Some(token) = bearer(authorization) {
+            return Some(Credential::classify(token));
+        }
+        let key = api_key.map(str::trim).filter(|k| !k.is_empty())?;
+        Some(Credential::ApiKey(key))
+    }
+
+    /// A bearer value starting with `ak_` is an API key, anything else a JWT.
+    pub fn classify(value: &'a str) -> Self {
+        if value.starts_with(API_KEY_PREFIX) {
+            Credential::ApiKey(value)
+        } else {
+            Credential::Token(value)
+        }
+    }
+}
+
+/// What every API key starts with.
+pub const API_KEY_PREFIX: &str = "ak_";
 
 /// Why a credential was refused. The text is safe to show: it never echoes the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +140,14 @@ pub enum AuthError {
     Expired,
     #[error("token claims are invalid: {0}")]
     BadClaims(&'static str),
+    #[error("invalid username or password")]
+    BadLogin,
+    #[error("invalid api key")]
+    InvalidApiKey,
+    #[error("api keys cannot open a websocket; use a token")]
+    ApiKeyOnWebSocket,
+    #[error("no account for this token")]
+    UnknownAccount,
 }
 
 /// Keys and validation rules, built once from the settings.
@@ -160,16 +215,45 @@ impl Authenticator {
             .expect("HS256 signing of plain claims cannot fail")
     }
 
-    /// The principal allowed to publish with this `Authorization` header value.
-    /// Admin JWTs only for now; API keys join here.
-    pub fn publisher(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
-        let token = bearer(authorization).ok_or(ApiError::Unauthorized(AuthError::Missing))?;
-        let claims = self.verify(token).map_err(ApiError::Unauthorized)?;
-        if !claims.is_admin() {
-            return Err(ApiError::Forbidden("admin role required"));
+    /// The principal allowed to publish with these headers: an admin JWT, or an
+    /// active API key (its tenant comes from the store, never from the request).
+    pub async fn publisher(
+        &self,
+        store: &Store,
+        authorization: Option<&str>,
+        api_key: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        match Credential::from_headers(authorization, api_key) {
+            None => Err(ApiError::Unauthorized(AuthError::Missing)),
+            Some(Credential::ApiKey(key)) => api_key_principal(store, key).await,
+            Some(Credential::Token(token)) => {
+                let claims = self.verify(token).map_err(ApiError::Unauthorized)?;
+                if !claims.is_admin() {
+                    return Err(ApiError::Forbidden("admin role required"));
+                }
+                Ok(Principal::User(claims))
+            }
         }
-        Ok(Principal::User(claims))
     }
+}
+
+/// The active key `key`, noting its use; 401 for a malformed, unknown or
+/// revoked key. The lookup is by SHA-256 hash, so no comparison of the
+/// secret itself can leak timing.
+async fn api_key_principal(store: &Store, key: &str) -> Result<Principal, ApiError> {
+    if !looks_like_api_key(key) {
+        return Err(ApiError::Unauthorized(AuthError::InvalidApiKey));
+    }
+    let info = store
+        .api_key_by_hash(hash_api_key(key))
+        .await
+        .map_err(ApiError::from_store)?
+        .ok_or(ApiError::Unauthorized(AuthError::InvalidApiKey))?;
+    store.touch_api_key(&info.id);
+    Ok(Principal::ApiKey {
+        id: info.id,
+        tenant: info.tenant,
+    })
 }
 
 /// The token of an `Authorization: Bearer <token>` header value.
@@ -310,5 +394,25 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), None);
         assert_eq!(bearer(Some("Bearer ")), None);
         assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn api_keys_are_told_from_tokens() {
+        let key = "ak_0123456789abcdefghijklmnopqrstuvwxyz";
+        assert_eq!(
+            Credential::from_headers(Some(&format!("Bearer {key}")), None),
+            Some(Credential::ApiKey(key))
+        );
+        assert_eq!(
+            Credential::from_headers(None, Some(key)),
+            Some(Credential::ApiKey(key))
+        );
+        assert_eq!(
+            Credential::from_headers(Some("Bearer eyJ.x.y"), Some(key)),
+            Some(Credential::Token("eyJ.x.y")),
+            "Authorization wins"
+        );
+        assert_eq!(Credential::from_headers(None, Some("  ")), None);
+        assert!(!format!("{:?}", Credential::ApiKey(key)).contains("0123"));
     }
 }

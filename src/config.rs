@@ -78,6 +78,9 @@ pub struct ServeArgs {
     #[arg(long, env = "JWT_PUBLIC_KEY", hide_env_values = true)]
     pub jwt_public_key: Option<String>,
 
+    #[command(flatten)]
+    pub accounts: AccountArgs,
+
     /// Largest accepted publish body or client frame, in bytes.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
@@ -121,6 +124,110 @@ pub struct ServeArgs {
     /// Bearer token required by /metrics; unset leaves it open.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+}
+
+/// Flags of the embedded accounts: bootstrap admin, signup, login tokens.
+#[derive(Debug, Clone, Args)]
+pub struct AccountArgs {
+    /// Password of the `admin` account created on an empty store. Unset: a
+    /// random one is generated and printed once to the log.
+    #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+
+    /// Whether anyone may create a `user` account (POST /api/v1/auth/signup).
+    #[arg(long, env = "SIGNUP", default_value = "on", value_name = "on|off",
+          action = clap::ArgAction::Set, value_parser = parse_switch)]
+    pub signup: bool,
+
+    /// Lifetime of the tokens that login and refresh hand out.
+    #[arg(long, env = "TOKEN_TTL", default_value = "12h", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+
+    /// Failed logins allowed per IP and per username within LOGIN_WINDOW (beyond: 429).
+    #[arg(long, env = "LOGIN_MAX_FAILURES", default_value_t = 10)]
+    pub login_max_failures: u32,
+
+    /// The window failed logins are counted in.
+    #[arg(long, env = "LOGIN_WINDOW", default_value = "15m", value_parser = parse_duration)]
+    pub login_window: Duration,
+
+    /// Header holding the client IP set by a reverse proxy (e.g. Fly-Client-IP,
+    /// X-Forwarded-For). Only set it when every request comes through that
+    /// proxy: otherwise clients can forge it. Unset: the TCP peer address.
+    #[arg(long, env = "TRUSTED_PROXY_HEADER")]
+    pub trusted_proxy_header: Option<String>,
+}
+
+/// Validated [`AccountArgs`].
+#[derive(Debug, Clone)]
+pub struct AccountSettings {
+    pub admin_password: Option<Secret>,
+    pub signup: bool,
+    pub token_ttl: Duration,
+    pub login_max_failures: u32,
+    pub login_window: Duration,
+    /// Lowercase header name; `None` trusts only the TCP peer address.
+    pub trusted_proxy_header: Option<warp::http::HeaderName>,
+}
+
+impl AccountSettings {
+    pub fn from_args(args: AccountArgs) -> Result<AccountSettings, ConfigError> {
+        let trusted_proxy_header = match args.trusted_proxy_header.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(name) => Some(warp::http::HeaderName::try_from(name).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "TRUSTED_PROXY_HEADER '{name}' is not a header name"
+                ))
+            })?),
+        };
+        let settings = AccountSettings {
+            admin_password: args.admin_password.filter(|p| !p.is_empty()).map(Secret),
+            signup: args.signup,
+            token_ttl: args.token_ttl,
+            login_max_failures: args.login_max_failures,
+            login_window: args.login_window,
+            trusted_proxy_header,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Signup on, 12 h tokens, 10 failures in 15 minutes, no proxy header.
+    pub fn for_tests() -> AccountSettings {
+        AccountSettings {
+            admin_password: None,
+            signup: true,
+            token_ttl: Duration::from_secs(12 * 3600),
+            login_max_failures: 10,
+            login_window: Duration::from_secs(15 * 60),
+            trusted_proxy_header: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |what: &str| Err(ConfigError::Invalid(what.to_owned()));
+        if let Some(password) = &self.admin_password {
+            if crate::store::validate_password(password.expose()).is_err() {
+                return invalid(&format!(
+                    "ADMIN_PASSWORD must be at least {} characters and at most {} bytes",
+                    crate::store::MIN_PASSWORD_CHARS,
+                    crate::store::MAX_PASSWORD_BYTES
+                ));
+            }
+        }
+        if self.token_ttl < Duration::from_secs(60)
+            || self.token_ttl > Duration::from_secs(30 * 86_400)
+        {
+            return invalid("TOKEN_TTL must be between 1m and 30d");
+        }
+        if self.login_max_failures == 0 {
+            return invalid("LOGIN_MAX_FAILURES must be at least 1");
+        }
+        if self.login_window.is_zero() {
+            return invalid("LOGIN_WINDOW must be above 0");
+        }
+        Ok(())
+    }
 }
 
 /// Flags of `agentcast token`.
@@ -189,6 +296,7 @@ pub struct Settings {
     pub jwt_public_key: Option<String>,
     /// Clock skew allowed on `exp`; 30 s in production, 0 in tests that watch expiry.
     pub jwt_leeway: Duration,
+    pub accounts: AccountSettings,
     pub max_message_bytes: usize,
     pub send_queue: usize,
     pub history_size: usize,
@@ -230,6 +338,7 @@ impl Settings {
             jwt_secret,
             jwt_public_key: args.jwt_public_key,
             jwt_leeway: Duration::from_secs(30),
+            accounts: AccountSettings::from_args(args.accounts)?,
             max_message_bytes: args.max_message_bytes,
             send_queue: args.send_queue,
             history_size: args.history_size,
@@ -265,6 +374,7 @@ impl Settings {
             jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
             jwt_public_key: None,
             jwt_leeway: Duration::ZERO,
+            accounts: AccountSettings::for_tests(),
             max_message_bytes: 64 * 1024,
             send_queue: 1024,
             history_size: 10_000,
@@ -360,6 +470,15 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     options.open(path)?.write_all(contents.as_bytes())
 }
 
+/// Parses `on`/`off` (also `true`/`false`, `1`/`0`, `yes`/`no`).
+pub fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("invalid switch '{text}' (use on or off)")),
+    }
+}
+
 /// Parses `30`, `30s`, `500ms`, `2m`, `1h` or `1d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -429,6 +548,36 @@ mod tests {
             (LogStoreKind::Memory, StoreSync::Normal)
         );
         assert!(Cli::try_parse_from(["agentcast", "--log-store", "redis"]).is_err());
+    }
+
+    #[test]
+    fn account_flags_parse_and_are_checked() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["agentcast"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| cli.serve.accounts)
+        };
+        let defaults = parse(&[]).unwrap();
+        assert!(defaults.signup);
+        assert_eq!(defaults.token_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(defaults.login_max_failures, 10);
+        assert_eq!(defaults.login_window, Duration::from_secs(900));
+        assert!(!parse(&["--signup", "off"]).unwrap().signup);
+        assert!(parse(&["--signup", "on"]).unwrap().signup);
+        assert!(parse(&["--signup", "maybe"]).is_err());
+
+        let settings = |args: &[&str]| AccountSettings::from_args(parse(args).unwrap());
+        assert!(settings(&["--admin-password", "short"]).is_err());
+        assert!(settings(&["--token-ttl", "10s"]).is_err());
+        assert!(settings(&["--login-max-failures", "0"]).is_err());
+        assert!(settings(&["--trusted-proxy-header", "bad header"]).is_err());
+        let proxied = settings(&["--trusted-proxy-header", "Fly-Client-IP"]).unwrap();
+        assert_eq!(
+            proxied.trusted_proxy_header.as_ref().map(|h| h.as_str()),
+            Some("fly-client-ip")
+        );
+        let admin = settings(&["--admin-password", "correct horse"]).unwrap();
+        assert!(!format!("{admin:?}").contains("correct horse"));
     }
 
     #[test]

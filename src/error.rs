@@ -25,6 +25,9 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The resource exists already (a taken username).
+    #[error("{0}")]
+    Conflict(String),
     #[error("body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -69,6 +73,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Unprocessable(_) => "validation_failed",
@@ -97,6 +102,22 @@ impl ApiError {
             );
         }
         response
+    }
+}
+
+impl ApiError {
+    /// A store failure as the client sees it: 409 for a taken value, 422 for a
+    /// broken rule, 503 when the store is busy or closing, else a bare 500.
+    pub fn from_store(error: crate::store::StoreError) -> ApiError {
+        use crate::store::StoreError;
+        match error {
+            StoreError::Conflict(message) => ApiError::Conflict(message),
+            StoreError::Invalid(message) => ApiError::Unprocessable(message),
+            StoreError::Busy(_) | StoreError::Closed => {
+                ApiError::Unavailable("the store is busy, try again".to_owned())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
     }
 }
 

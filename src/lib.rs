@@ -10,7 +10,8 @@
 //! - [`app`]: binds the listener, builds the server, runs it, drains it.
 //! - [`routes`]: warp filters, one per endpoint; [`error`] maps every failure to
 //!   the JSON error body.
-//! - [`auth`]: token claims, pinned algorithms, publisher checks.
+//! - [`auth`]: token claims, pinned algorithms, publisher checks (JWT or API key).
+//! - [`accounts`]: the bootstrap admin, signup, login and its failed-login limiter.
 //! - [`hub`]: the fan-out core — tenants, connections, outboxes, and the
 //!   per-connection [`hub::session`] loop; [`hub::wire`] holds the frame shapes.
 //! - [`log`]: per-tenant `seq`, `epoch`, history and the resume rule: the
@@ -30,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod app;
 pub mod auth;
 pub mod bench;

@@ -45,6 +45,8 @@ pub mod close {
 /// Replayed history is written in chunks this large, so a long resume neither
 /// builds one huge buffer nor starves the loop.
 const REPLAY_CHUNK: usize = 256;
+/// Fill-and-flush rounds a session runs in one turn before it yields.
+const WRITE_ROUNDS: usize = 8;
 /// How long a closing socket gets to take our close frame and answer it.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -85,8 +87,8 @@ enum Event {
     Inbound(Message),
     ReadFailed(WsError),
     PeerGone,
-    Fill,
-    Flushed,
+    /// Writing queued frames into the socket failed in a way that ends the session.
+    Ended(Ending),
     WriteFailed,
     Overflowed,
 }
@@ -242,20 +244,33 @@ impl Session {
                     Poll::Ready(None) => return Poll::Ready(Event::PeerGone),
                     Poll::Pending => {}
                 }
-                let outbox_ready = self.membership.outbox.poll_ready(cx).is_ready();
-                if self.dirty {
-                    if outbox_ready && self.membership.outbox.is_overflowed() {
-                        return Poll::Ready(Event::Overflowed);
+                // Write what is queued and flush it in this same turn, and go on
+                // while more is queued: one wake-up per batch, not one per step.
+                for _ in 0..WRITE_ROUNDS {
+                    let outbox_ready = self.membership.outbox.poll_ready(cx).is_ready();
+                    if self.dirty {
+                        if outbox_ready && self.membership.outbox.is_overflowed() {
+                            return Poll::Ready(Event::Overflowed);
+                        }
+                    } else if outbox_ready
+                        || !self.backlog.is_empty()
+                        || self.replay_summary.is_some()
+                    {
+                        if let Err(ending) = self.fill(ws) {
+                            return Poll::Ready(Event::Ended(ending));
+                        }
                     }
-                    return match ws.poll_flush_unpin(cx) {
-                        Poll::Ready(Ok(())) => Poll::Ready(Event::Flushed),
-                        Poll::Ready(Err(_)) => Poll::Ready(Event::WriteFailed),
-                        Poll::Pending => Poll::Pending,
-                    };
+                    if !self.dirty {
+                        return Poll::Pending;
+                    }
+                    match ws.poll_flush_unpin(cx) {
+                        Poll::Ready(Ok(())) => self.on_flushed(),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Event::WriteFailed),
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
-                if outbox_ready || !self.backlog.is_empty() || self.replay_summary.is_some() {
-                    return Poll::Ready(Event::Fill);
-                }
+                // Still more to write: yield so other sessions get their turn.
+                cx.waker().wake_by_ref();
                 Poll::Pending
             })
             .await;
@@ -270,11 +285,7 @@ impl Session {
                 Event::Inbound(message) => self.on_message(ws, message),
                 Event::ReadFailed(error) => Err(read_failure(error)),
                 Event::PeerGone | Event::WriteFailed => Err(Ending::PeerGone),
-                Event::Fill => self.fill(ws),
-                Event::Flushed => {
-                    self.on_flushed();
-                    Ok(())
-                }
+                Event::Ended(ending) => Err(ending),
                 Event::Overflowed => Err(Ending::Close(close::SLOW_CONSUMER, "slow consumer")),
             };
             if let Err(ending) = step {

@@ -1,6 +1,9 @@
 //! warp filters: one small function per endpoint, composed in [`all`], with one
 //! `recover` that turns every rejection into the JSON error of SPEC §3.
 
+mod accounts;
+mod api_keys;
+mod body;
 mod ops;
 mod publish;
 mod views;
@@ -13,6 +16,7 @@ use std::sync::Arc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use warp::{Filter, Reply};
 
+use crate::accounts::Accounts;
 use crate::auth::Authenticator;
 use crate::config::Secret;
 use crate::hub::session::SessionConfig;
@@ -26,6 +30,8 @@ pub struct Shared {
     pub auth: Arc<Authenticator>,
     /// Accounts, API keys and the durable tenant logs (`DATA_DIR/agentcast.db`).
     pub store: Store,
+    /// Signup, login and the failed-login limiter, over `store`.
+    pub accounts: Arc<Accounts>,
     pub sessions: Arc<SessionConfig>,
     /// tungstenite settings of every upgraded socket (small buffers, frame limit).
     pub ws_config: WebSocketConfig,
@@ -53,7 +59,14 @@ pub fn all(
         .or(publish::user_presence(shared.clone()))
         .or(views::tasks_list(shared.clone()))
         .or(views::agents_list(shared.clone()))
-        .or(views::analytics_get(shared))
+        .or(views::analytics_get(shared.clone()))
+        .or(accounts::auth_signup(shared.clone()))
+        .or(accounts::auth_login(shared.clone()))
+        .or(accounts::auth_refresh(shared.clone()))
+        .or(accounts::auth_me(shared.clone()))
+        .or(api_keys::api_keys_create(shared.clone()))
+        .or(api_keys::api_keys_list(shared.clone()))
+        .or(api_keys::api_keys_revoke(shared))
         .recover(crate::error::recover)
         .with(warp::reply::with::header(
             "x-content-type-options",

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use super::body::json_body;
 use super::{with_shared, Shared};
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -66,17 +67,19 @@ pub fn user_presence(
         )
 }
 
-/// The caller, who must be allowed to publish (admin JWT).
+/// The caller, who must be allowed to publish (admin JWT or API key).
 fn publisher(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
+        .and(warp::header::optional::<String>("x-api-key"))
         .and(with_shared(shared))
         .and_then(
-            |authorization: Option<String>, shared: Arc<Shared>| async move {
+            |authorization: Option<String>, api_key: Option<String>, shared: Arc<Shared>| async move {
                 shared
                     .auth
-                    .publisher(authorization.as_deref())
+                    .publisher(&shared.store, authorization.as_deref(), api_key.as_deref())
+                    .await
                     .map_err(|e| {
                         if matches!(e, ApiError::Unauthorized(_)) {
                             shared.hub.metrics().auth_failures.inc();
@@ -95,83 +98,6 @@ pub struct PublishBody {
     kind: String,
     #[serde(default)]
     data: Value,
-}
-
-/// A JSON body of at most `limit` bytes: 415 for another content type, 413 when
-/// larger, 400 when empty or not JSON, 422 when JSON of the wrong shape.
-fn json_body(limit: usize) -> impl Filter<Extract = (PublishBody,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("content-type")
-        .and(warp::header::optional::<String>("content-length"))
-        .and_then(
-            move |content_type: Option<String>, length: Option<String>| async move {
-                let is_json = content_type.as_deref().is_some_and(|ct| {
-                    ct.split(';')
-                        .next()
-                        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
-                });
-                if !is_json {
-                    return Err(warp::reject::custom(ApiError::UnsupportedMediaType));
-                }
-                if let Some(length) = length {
-                    match length.trim().parse::<u64>() {
-                        Ok(n) if n > limit as u64 => {
-                            return Err(warp::reject::custom(ApiError::PayloadTooLarge { limit }))
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            return Err(warp::reject::custom(ApiError::BadRequest(
-                                "invalid Content-Length".into(),
-                            )))
-                        }
-                    }
-                }
-                Ok(())
-            },
-        )
-        .untuple_one()
-        .and(warp::body::stream())
-        .and_then(move |body| async move {
-            let bytes = read_limited(body, limit)
-                .await
-                .map_err(warp::reject::custom)?;
-            parse_body(&bytes).map_err(warp::reject::custom)
-        })
-}
-
-/// Reads a body (sized or chunked), refusing it as soon as it passes `limit`.
-async fn read_limited<S, B>(body: S, limit: usize) -> Result<Vec<u8>, ApiError>
-where
-    S: futures_util::Stream<Item = Result<B, warp::Error>>,
-    B: bytes::Buf,
-{
-    use futures_util::StreamExt;
-    let mut body = std::pin::pin!(body);
-    let mut bytes = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
-        if bytes.len() + chunk.remaining() > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        // A Buf may hold its bytes in several slices.
-        while chunk.has_remaining() {
-            let slice = chunk.chunk();
-            let n = slice.len();
-            bytes.extend_from_slice(slice);
-            chunk.advance(n);
-        }
-    }
-    Ok(bytes)
-}
-
-fn parse_body(bytes: &[u8]) -> Result<PublishBody, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest("body is empty".into()));
-    }
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::Unprocessable(e.to_string()),
-        _ => ApiError::BadRequest(format!("body is not valid JSON: {e}")),
-    })
 }
 
 /// Validates, publishes, and answers 202 once the message is committed —
@@ -355,21 +281,5 @@ mod tests {
         ] {
             assert!(validate(bad, &Value::Null).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn bodies_map_to_400_or_422() {
-        assert!(matches!(parse_body(b""), Err(ApiError::BadRequest(_))));
-        assert!(matches!(parse_body(b"{nope"), Err(ApiError::BadRequest(_))));
-        assert!(matches!(
-            parse_body(br#"{"type": 5}"#),
-            Err(ApiError::Unprocessable(_))
-        ));
-        assert!(matches!(
-            parse_body(br#"{"type": "a", "extra": 1}"#),
-            Err(ApiError::Unprocessable(_))
-        ));
-        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        assert!(parse_body(format!(r#"{{"type":"a","data":{deep}}}"#).as_bytes()).is_err());
     }
 }

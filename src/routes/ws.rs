@@ -22,7 +22,7 @@ use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::{Filter, Rejection, Reply};
 
 use super::{with_shared, Shared};
-use crate::auth::{AuthError, Claims};
+use crate::auth::{AuthError, Claims, Credential};
 use crate::error::ApiError;
 use crate::hub::session::{self, close, Resume};
 
@@ -184,9 +184,11 @@ fn admit(
             return Admission::Refuse(close::FORBIDDEN, "origin not allowed");
         }
     }
-    let verdict = match token {
+    let verdict = match token.map(Credential::classify) {
         None => Err(AuthError::Missing),
-        Some(token) => shared.auth.verify(token),
+        // A key publishes for a backend; it is never a browser session.
+        Some(Credential::ApiKey(_)) => Err(AuthError::ApiKeyOnWebSocket),
+        Some(Credential::Token(token)) => shared.auth.verify(token),
     };
     let claims = match verdict {
         Ok(claims) => claims,

@@ -10,13 +10,19 @@
 //! - `limits`: connection limits, frame floods, slow consumers;
 //! - `durability`: the durable log across clean restarts, `kill -9` and a store
 //!   that cannot commit (issue 3);
-//! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts.
+//! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts;
+//! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
+//! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
+//! - `logs`: the real binary's log holds no password, token or key.
 
+mod accounts;
+mod api_keys;
 mod auth;
 mod durability;
 mod helpers;
 mod http;
 mod limits;
+mod logs;
 mod publish;
 mod resume;
 mod views;

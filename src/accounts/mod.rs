@@ -1,0 +1,356 @@
+//! The accounts of the embedded store as a service (SPEC §2): the bootstrap
+//! admin, signup, login with its failure limiter, and the account behind a
+//! token. The routes in `routes::accounts` are thin over [`Accounts`].
+//!
+//! Password hashing is the expensive part: argon2id takes tens of
+//! milliseconds of a core and ~19 MiB per call. It runs on the blocking pool
+//! (the store helpers), and at most one call per core at once
+//! ([`Accounts::hash`] / [`Accounts::verify`]); a request that cannot get a
+//! turn within [`HASH_QUEUE_WAIT`] gets 503 instead of piling up memory.
+//!
+//! Which client a login comes from: the TCP peer address, unless
+//! `TRUSTED_PROXY_HEADER` names a header a reverse proxy sets (fly.io:
+//! `Fly-Client-IP`). That header is trusted blindly when configured, so
+//! configure it only when the server is reachable through that proxy alone;
+//! otherwise a client picks its own address and escapes the per-IP limit.
+
+mod limiter;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OnceCell, Semaphore};
+use warp::http::HeaderMap;
+
+pub use limiter::{LimitKey, LoginLimiter};
+
+use crate::auth::{random_token, valid_tenant, AuthError, Claims, Role};
+use crate::config::AccountSettings;
+use crate::error::ApiError;
+use crate::store::{
+    hash_password_async, validate_password, validate_username, verify_password_async, Store,
+    StoreError, User, MAX_PASSWORD_BYTES,
+};
+
+/// The tenant of signups, of the bootstrap admin, and of a login that names none.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// The account created on an empty store.
+pub const ADMIN_USERNAME: &str = "admin";
+
+/// Longest a request waits for its turn at argon2 before a 503.
+pub const HASH_QUEUE_WAIT: Duration = Duration::from_secs(10);
+
+/// Signup, login and the bootstrap admin, over the store.
+pub struct Accounts {
+    store: Store,
+    settings: AccountSettings,
+    limiter: LoginLimiter,
+    /// One permit per argon2 call allowed at once.
+    hashing: Arc<Semaphore>,
+    /// A hash of a random password, verified against when the username is
+    /// unknown so that a login takes as long whether or not it exists.
+    dummy_hash: Arc<OnceCell<String>>,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounts")
+            .field("signup", &self.settings.signup)
+            .field("token_ttl", &self.settings.token_ttl)
+            .field("limited_keys", &self.limiter.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Accounts {
+    /// Starts hashing the dummy password in the background, so the first
+    /// login of an unknown username is not the one that pays for it.
+    pub fn new(store: Store, settings: AccountSettings) -> Accounts {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let accounts = Accounts {
+            store,
+            limiter: LoginLimiter::new(settings.login_max_failures, settings.login_window),
+            settings,
+            hashing: Arc::new(Semaphore::new(cores.clamp(1, 8))),
+            dummy_hash: Arc::new(OnceCell::new()),
+        };
+        let dummy = accounts.dummy_hash.clone();
+        tokio::spawn(async move {
+            let _ = dummy.get_or_try_init(make_dummy_hash).await;
+        });
+        accounts
+    }
+
+    pub fn settings(&self) -> &AccountSettings {
+        &self.settings
+    }
+
+    /// On an empty store, creates `admin` (tenant `default`, role admin) with
+    /// `ADMIN_PASSWORD`, or with a random password printed once to the log:
+    /// the only secret agentcast ever logs, and only this once.
+    pub async fn bootstrap_admin(&self, login_url: &str) -> Result<(), StoreError> {
+        if self.store.count_users().await? > 0 {
+            return Ok(());
+        }
+        let (password, generated) = match &self.settings.admin_password {
+            Some(password) => (password.expose().to_owned(), false),
+            None => (random_token(24), true),
+        };
+        let hash = hash_password_async(password.clone()).await?;
+        match self
+            .store
+            .create_user(DEFAULT_TENANT, ADMIN_USERNAME, &hash, Role::Admin)
+            .await
+        {
+            Ok(_) => {}
+            // Another process sharing the file created it first.
+            Err(StoreError::Conflict(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if generated {
+            tracing::warn!(
+                "created the first account: username `{ADMIN_USERNAME}`, password `{password}` \
+                 (shown only this once; set ADMIN_PASSWORD before the first start to choose it). \
+                 Log in at {login_url}"
+            );
+        } else {
+            tracing::info!(
+                "created the first account `{ADMIN_USERNAME}` with the password from ADMIN_PASSWORD; \
+                 log in at {login_url}"
+            );
+        }
+        Ok(())
+    }
+
+    /// A new `user` account of tenant `default`: 403 when signup is off, 422
+    /// for a bad username or weak password, 409 when the name is taken.
+    pub async fn signup(&self, username: &str, password: &str) -> Result<User, ApiError> {
+        if !self.settings.signup {
+            return Err(ApiError::Forbidden("signup is disabled on this server"));
+        }
+        validate_username(username).map_err(ApiError::from_store)?;
+        validate_password(password).map_err(ApiError::from_store)?;
+        let hash = self.hash(password.to_owned()).await?;
+        let user = self
+            .store
+            .create_user(DEFAULT_TENANT, username, &hash, Role::User)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => {
+                    ApiError::Conflict(format!("username '{username}' is taken"))
+                }
+                other => ApiError::from_store(other),
+            })?;
+        tracing::info!(user = %user.id, username = %user.username, tenant = %user.tenant, "account created");
+        Ok(user)
+    }
+
+    /// The account whose password this is. The same 401 for an unknown user
+    /// and a wrong password, after the same argon2 work; 429 once the client
+    /// IP or the username has failed too often.
+    pub async fn login(
+        &self,
+        ip: Option<IpAddr>,
+        tenant: Option<&str>,
+        username: &str,
+        password: &str,
+    ) -> Result<User, ApiError> {
+        let tenant = tenant.unwrap_or(DEFAULT_TENANT);
+        let plausible = valid_tenant(tenant) && validate_username(username).is_ok();
+        let ip_key = ip.map(LimitKey::ip);
+        let user_key = plausible.then(|| LimitKey::user(tenant, username));
+        let keys: Vec<LimitKey> = ip_key.iter().chain(user_key.iter()).cloned().collect();
+        self.limiter
+            .begin(&keys, Instant::now())
+            .map_err(|wait| ApiError::TooManyRequests {
+                retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+            })?;
+        let refused = || ApiError::Unauthorized(AuthError::BadLogin);
+        // Nobody's password is empty or longer than the limit: no need to look.
+        if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
+            return Err(refused());
+        }
+        let record = if plausible {
+            self.store
+                .user_by_name(tenant, username)
+                .await
+                .map_err(ApiError::from_store)?
+        } else {
+            None
+        };
+        let (hash, user) = match record {
+            Some(record) => (record.password_hash, Some(record.user)),
+            None => (self.dummy_hash().await?, None),
+        };
+        let matches = self.verify(hash, password.to_owned()).await?;
+        match (matches, user, user_key) {
+            (true, Some(user), Some(user_key)) => {
+                self.limiter.succeeded(&user_key, ip_key.as_ref());
+                tracing::debug!(user = %user.id, username = %user.username, "login");
+                Ok(user)
+            }
+            _ => {
+                // Not the username: people type their password into that field.
+                tracing::debug!(ip = ?ip, "login refused");
+                Err(refused())
+            }
+        }
+    }
+
+    /// The stored account behind a valid token: 401 when there is none (an
+    /// account that no longer exists, or a token minted elsewhere for a `sub`
+    /// that is not an account of this store).
+    pub async fn account(&self, claims: &Claims) -> Result<User, ApiError> {
+        match self
+            .store
+            .user_by_id(&claims.sub)
+            .await
+            .map_err(ApiError::from_store)?
+        {
+            Some(user) if user.tenant == claims.tenant => Ok(user),
+            _ => Err(ApiError::Unauthorized(AuthError::UnknownAccount)),
+        }
+    }
+
+    /// Claims of a fresh token for `user`, valid for `TOKEN_TTL`.
+    pub fn claims_for(&self, user: &User) -> Claims {
+        let mut claims = Claims::new(
+            user.id.clone(),
+            user.role,
+            user.tenant.clone(),
+            self.settings.token_ttl,
+        );
+        claims.name = Some(user.username.clone());
+        claims
+    }
+
+    /// The client address a login is counted against (see the module doc).
+    pub fn client_ip(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        let from_proxy = self
+            .settings
+            .trusted_proxy_header
+            .as_ref()
+            .and_then(|name| {
+                // Each proxy appends to X-Forwarded-For: the last entry is the one
+                // our proxy wrote; anything before it came from the client.
+                let value = headers.get_all(name).iter().next_back()?.to_str().ok()?;
+                value.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
+            });
+        from_proxy.or(peer.map(|p| p.ip()))
+    }
+
+    /// argon2id of `password`, waiting for a free core.
+    async fn hash(&self, password: String) -> Result<String, ApiError> {
+        let _permit = self.hashing_turn().await?;
+        hash_password_async(password)
+            .await
+            .map_err(ApiError::from_store)
+    }
+
+    /// Whether `password` matches `hash`, waiting for a free core.
+    async fn verify(&self, hash: String, password: String) -> Result<bool, ApiError> {
+        let _permit = self.hashing_turn().await?;
+        Ok(verify_password_async(hash, password).await)
+    }
+
+    async fn hashing_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        let busy = || ApiError::Unavailable("too many logins at once, try again".to_owned());
+        tokio::time::timeout(HASH_QUEUE_WAIT, self.hashing.acquire())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| busy())
+    }
+
+    async fn dummy_hash(&self) -> Result<String, ApiError> {
+        self.dummy_hash
+            .get_or_try_init(make_dummy_hash)
+            .await
+            .cloned()
+            .map_err(ApiError::from_store)
+    }
+}
+
+async fn make_dummy_hash() -> Result<String, StoreError> {
+    hash_password_async(random_token(24)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::TempDir;
+
+    fn accounts(dir: &TempDir, tweak: impl FnOnce(&mut AccountSettings)) -> Accounts {
+        let mut settings = AccountSettings::for_tests();
+        tweak(&mut settings);
+        Accounts::new(Store::open(dir.path()).unwrap(), settings)
+    }
+
+    #[tokio::test]
+    async fn the_admin_is_created_once_with_the_configured_password() {
+        let dir = TempDir::new();
+        let accounts = accounts(&dir, |s| {
+            s.admin_password = Some(crate::config::Secret::new("correct horse"))
+        });
+        accounts
+            .bootstrap_admin("http://x/login.html")
+            .await
+            .unwrap();
+        accounts
+            .bootstrap_admin("http://x/login.html")
+            .await
+            .unwrap();
+        assert_eq!(accounts.store.count_users().await.unwrap(), 1);
+        let admin = accounts
+            .login(None, None, "admin", "correct horse")
+            .await
+            .unwrap();
+        assert_eq!(
+            (admin.role, admin.tenant.as_str()),
+            (Role::Admin, "default")
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_users_and_wrong_passwords_get_the_same_error() {
+        let dir = TempDir::new();
+        let accounts = accounts(&dir, |_| {});
+        accounts.signup("alice", "correct horse").await.unwrap();
+        let wrong = accounts.login(None, None, "alice", "wrong horse").await;
+        let unknown = accounts.login(None, None, "nobody", "wrong horse").await;
+        let (Err(wrong), Err(unknown)) = (wrong, unknown) else {
+            panic!("both must fail");
+        };
+        assert_eq!(wrong.status(), unknown.status());
+        assert_eq!(wrong.to_string(), unknown.to_string());
+    }
+
+    #[test]
+    fn the_proxy_header_is_used_only_when_configured() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let dir = TempDir::new();
+        let peer: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "1.2.3.4, 5.6.7.8".parse().unwrap());
+        let plain = accounts(&dir, |_| {});
+        assert_eq!(plain.client_ip(Some(peer), &headers), Some(peer.ip()));
+        let dir2 = TempDir::new();
+        let proxied = accounts(&dir2, |s| {
+            s.trusted_proxy_header = Some("x-forwarded-for".parse().unwrap())
+        });
+        assert_eq!(
+            proxied.client_ip(Some(peer), &headers),
+            Some("5.6.7.8".parse().unwrap()),
+            "the entry our proxy appended"
+        );
+        assert_eq!(
+            proxied.client_ip(Some(peer), &HeaderMap::new()),
+            Some(peer.ip())
+        );
+    }
+}

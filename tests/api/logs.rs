@@ -1,0 +1,404 @@
+//! What the real binary writes to its log (SPEC §1, §2): never a password, a
+//! token, an API key or the JWT secret, even at `RUST_LOG=debug`; the one
+//! exception is the generated bootstrap admin password, printed once.
+//!
+//! These tests run `agentcast` itself (`CARGO_BIN_EXE_agentcast`) so they see
+//! exactly what an operator's log would hold, from every crate.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::helpers::{with_token_protocol, WsClient, WAIT};
+
+/// A running `agentcast` process and everything it has written so far.
+struct Binary {
+    child: Child,
+    addr: SocketAddr,
+    output: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    http: reqwest::Client,
+}
+
+impl Binary {
+    /// Starts the binary on a free port with `env` (and nothing inherited), and
+    /// waits (bounded) for its "ready on" line.
+    fn start(data_dir: &Path, env: &[(&str, &str)]) -> Binary {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agentcast"));
+        command
+            .env_clear()
+            .env("BIND", "127.0.0.1")
+            .env("PORT", "0")
+            .env("DATA_DIR", data_dir)
+            .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .env("SHUTDOWN_TIMEOUT", "5s")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("start the agentcast binary");
+        let output = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            capture(child.stdout.take().expect("stdout"), output.clone()),
+            capture(child.stderr.take().expect("stderr"), output.clone()),
+        ];
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            if let Some(addr) = ready_addr(&output.lock().unwrap()) {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "agentcast exited with {status} before it was ready:\n{}",
+                    output.lock().unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agentcast was not ready within {WAIT:?}:\n{}",
+                output.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(WAIT)
+            .build()
+            .expect("build the HTTP client");
+        Binary {
+            child,
+            addr,
+            output,
+            readers,
+            http,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/api/v1/ws/connect{}", self.addr, query)
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> reqwest::Response {
+        let mut request = self.http.post(self.url(path)).json(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("POST to the binary failed")
+    }
+
+    /// Logs in and returns the token.
+    async fn login(&self, username: &str, password: &str) -> String {
+        let response = self
+            .post(
+                "/api/v1/auth/login",
+                None,
+                &json!({"username": username, "password": password}),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "login {username}");
+        let body: Value = response.json().await.unwrap();
+        body["token"].as_str().expect("token").to_owned()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit and the end of its output.
+    fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid}");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for agentcast") {
+                assert!(status.success(), "agentcast exited with {status}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "agentcast ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let output = self.output.lock().unwrap().clone();
+        output
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        // A failed test must not leave the process behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Appends everything `stream` yields to `output`, line by line.
+fn capture(
+    stream: impl Read + Send + 'static,
+    output: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let mut output = output.lock().unwrap();
+            output.push_str(&line);
+            output.push('\n');
+        }
+    })
+}
+
+/// The address of the "agentcast … ready on http://ADDR" line.
+fn ready_addr(output: &str) -> Option<SocketAddr> {
+    let rest = &output[output.find("ready on http://")? + "ready on http://".len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("agentcast-logs-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).expect("create the data dir");
+        DataDir(path)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_password_token_or_key_appears_in_the_debug_log() {
+    let dir = DataDir::new();
+    let admin_password = "Adm1nSecretPw9xQ";
+    let jwt_secret = "JwtSecretValue0123456789abcdefXYZ";
+    let alice_password = "AliceSecretPw4kR";
+    let wrong_password = "WrongSecretPw7nT";
+    // People type their password into the username field.
+    let password_as_username = "TypoSecretPw3vB";
+    let server = Binary::start(
+        &dir.0,
+        &[
+            ("ADMIN_PASSWORD", admin_password),
+            ("JWT_SECRET", jwt_secret),
+        ],
+    );
+
+    // Accounts: signup, a failed login, logins, refresh, me.
+    let response = server
+        .post(
+            "/api/v1/auth/signup",
+            None,
+            &json!({"username": "alice", "password": alice_password}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let response = server
+        .post(
+            "/api/v1/auth/login",
+            None,
+            &json!({"username": "alice", "password": wrong_password}),
+        )
+        .await;
+    assert_eq!(response.status(), 401);
+    let response = server
+        .post(
+            "/api/v1/auth/login",
+            None,
+            &json!({"username": password_as_username, "password": "x"}),
+        )
+        .await;
+    assert_eq!(response.status(), 401);
+    let alice_token = server.login("alice", alice_password).await;
+    let admin_token = server.login("admin", admin_password).await;
+    let response = server
+        .post("/api/v1/auth/refresh", Some(&alice_token), &json!({}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let refreshed: Value = response.json().await.unwrap();
+    let refreshed_token = refreshed["token"].as_str().unwrap().to_owned();
+    let response = server
+        .http
+        .get(server.url("/api/v1/auth/me"))
+        .bearer_auth(&refreshed_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // A key: created, used on both transports, offered to the WebSocket.
+    let response = server
+        .post(
+            "/api/v1/api-keys",
+            Some(&admin_token),
+            &json!({"name": "ci"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let key = response.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let notification = json!({"type": "notification", "data": {"text": "hi"}});
+    let response = server
+        .post("/api/v1/ws/broadcast", Some(&key), &notification)
+        .await;
+    assert_eq!(response.status(), 202);
+    let response = server
+        .http
+        .post(server.url("/api/v1/ws/broadcast"))
+        .header("x-api-key", &key)
+        .json(&notification)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+
+    // WebSockets: the token in the subprotocol and in the URL, an in-band
+    // refresh, and the key and a garbage token refused.
+    let request = server.ws_url("").into_client_request().unwrap();
+    let mut by_protocol = WsClient::open(with_token_protocol(request, &alice_token)).await;
+    by_protocol.connected().await;
+    by_protocol
+        .send_json(&json!({"type": "refresh", "data": {"token": refreshed_token}}))
+        .await;
+    // `refreshed`, or an `error` if both tokens share their `exp` second.
+    let answer = by_protocol.next_json().await;
+    assert!(
+        answer["type"] == "refreshed" || answer["type"] == "error",
+        "{answer}"
+    );
+    let request = server
+        .ws_url(&format!("?token={admin_token}"))
+        .into_client_request()
+        .unwrap();
+    let mut by_query = WsClient::open(request).await;
+    by_query.connected().await;
+    let request = server
+        .ws_url(&format!("?token={key}"))
+        .into_client_request()
+        .unwrap();
+    WsClient::open(request).await.expect_close(4401).await;
+    let request = server
+        .ws_url(&format!("?token={alice_token}x"))
+        .into_client_request()
+        .unwrap();
+    WsClient::open(request).await.expect_close(4401).await;
+    by_protocol.close().await;
+    by_query.close().await;
+
+    let output = server.stop();
+
+    // Debug logging was on and saw all of it.
+    for expected in [
+        "connection open",
+        "published",
+        "api key created",
+        "account created",
+    ] {
+        assert!(
+            output.contains(expected),
+            "no {expected:?} in the log:\n{output}"
+        );
+    }
+    let mut secrets = vec![
+        ("the admin password", admin_password.to_owned()),
+        ("the JWT secret", jwt_secret.to_owned()),
+        ("alice's password", alice_password.to_owned()),
+        ("a wrong password", wrong_password.to_owned()),
+        (
+            "a password typed as username",
+            password_as_username.to_owned(),
+        ),
+        ("the API key", key.clone()),
+        ("the API key's random part", key[3..].to_owned()),
+    ];
+    for (what, token) in [
+        ("alice's token", &alice_token),
+        ("the admin's token", &admin_token),
+        ("the refreshed token", &refreshed_token),
+    ] {
+        secrets.push((what, token.clone()));
+        let signature = token.rsplit('.').next().unwrap().to_owned();
+        secrets.push((what, signature));
+    }
+    for (what, secret) in secrets {
+        assert!(
+            !output.contains(&secret),
+            "{what} appears in the log:\n{output}"
+        );
+    }
+}
+
+/// The generated password from the log line "… password `…` …".
+fn generated_password(output: &str) -> Option<String> {
+    let line = output
+        .lines()
+        .find(|l| l.contains("created the first account"))?;
+    let rest = &line[line.find("password `")? + "password `".len()..];
+    Some(rest[..rest.find('`')?].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_admin_password_is_logged_once_as_a_warning_and_works() {
+    let dir = DataDir::new();
+    let jwt_secret = "JwtSecretValue0123456789abcdefXYZ";
+
+    let first = Binary::start(&dir.0, &[("JWT_SECRET", jwt_secret)]);
+    // The accept loop starts after the bootstrap: any answer means it is done.
+    let health = first.http.get(first.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let password = generated_password(&first.output.lock().unwrap())
+        .expect("the generated admin password is in the log");
+    assert!(password.len() >= 16, "a strong password: {password:?}");
+    let line = first
+        .output
+        .lock()
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("created the first account"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains("WARN"),
+        "a warning, visible at the default level: {line}"
+    );
+    assert!(
+        line.contains("/login.html"),
+        "it says where to log in: {line}"
+    );
+    first.login("admin", &password).await;
+    let first_output = first.stop();
+    assert_eq!(
+        first_output.matches(password.as_str()).count(),
+        1,
+        "printed exactly once:\n{first_output}"
+    );
+
+    let second = Binary::start(&dir.0, &[("JWT_SECRET", jwt_secret)]);
+    second.login("admin", &password).await;
+    let second_output = second.stop();
+    assert!(
+        !second_output.contains(&password) && !second_output.contains("created the first account"),
+        "a restart prints no password:\n{second_output}"
+    );
+}
