@@ -235,8 +235,9 @@ impl Hub {
             }
         };
         if let Some(committed) = committed {
-            // A failure leaves `seq` as a hole: later seqs may commit, and the
-            // store's head keeps it from being reused, even after a restart.
+            // A failure leaves `seq` as a hole that nobody saw (no socket, no
+            // replay, no head): this process never hands it out again. Only a
+            // restart could, if no later seq committed — still unseen by anyone.
             committed.await?;
         }
         self.inner.metrics.messages_published.inc();
