@@ -16,13 +16,14 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::accounts::Accounts;
 use crate::auth::Authenticator;
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Settings, StoreSync};
 use crate::hub::session::SessionConfig;
 use crate::hub::{Hub, Limits};
+use crate::log::{LogStore, LogStoreKind, TenantLog};
 use crate::metrics::Metrics;
 use crate::routes::{self, PeerAddr, Shared};
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{Durability, Store, StoreError, StoreOptions};
 
 /// Pending connections the kernel keeps for us. warp's `run` uses 128, which made
 /// bursts of handshakes stall for a second on SYN retransmits.
@@ -67,6 +68,10 @@ pub async fn serve(
     let auth = Arc::new(Authenticator::new(&settings)?);
     let store = open_store(&settings).await?;
     let metrics = Arc::new(Metrics::new());
+    let logs = match settings.log_store {
+        LogStoreKind::Sqlite => LogStore::Sqlite(store.clone()),
+        LogStoreKind::Memory => LogStore::Memory,
+    };
     let hub = Hub::new(
         Limits {
             history_size: settings.history_size,
@@ -75,7 +80,9 @@ pub async fn serve(
             max_connections_per_user: settings.max_connections_per_user,
         },
         metrics,
+        logs.clone(),
     );
+    hub.restore(load_logs(logs, settings.history_size).await?);
     let shutdown = Shutdown::new();
     let sessions = Arc::new(SessionConfig {
         hub: hub.clone(),
@@ -173,12 +180,32 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
     let data_dir = settings.data_dir.clone();
     let options = StoreOptions {
         history_size: settings.history_size,
-        ..StoreOptions::default()
+        durability: match settings.store_sync {
+            StoreSync::Full => Durability::Full,
+            StoreSync::Normal => Durability::Normal,
+        },
     };
     tokio::task::spawn_blocking(move || Store::open_with(&data_dir, options))
         .await
         .map_err(|e| StoreError::Io(format!("store open task failed: {e}")))?
         .map_err(AppError::from)
+}
+
+/// Every stored tenant log with its newest `history` messages, read off the
+/// async threads; the hub serves resumes from them as if it never stopped.
+async fn load_logs(logs: LogStore, history: usize) -> Result<Vec<(String, TenantLog)>, AppError> {
+    let started = std::time::Instant::now();
+    let loaded = tokio::task::spawn_blocking(move || logs.load(history))
+        .await
+        .map_err(|e| StoreError::Io(format!("log load task failed: {e}")))??;
+    let messages: usize = loaded.iter().map(|(_, log)| log.len()).sum();
+    tracing::info!(
+        tenants = loaded.len(),
+        messages,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "tenant logs loaded"
+    );
+    Ok(loaded)
 }
 
 /// Where a newcomer logs in, for the bootstrap admin's log line.

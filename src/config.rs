@@ -12,6 +12,17 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
+pub use crate::log::LogStoreKind;
+
+/// The `STORE_SYNC` setting: how hard a commit holds on to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StoreSync {
+    /// fsync the WAL at every commit (SQLite `synchronous = FULL`).
+    #[default]
+    Full,
+    /// fsync at checkpoints only (`synchronous = NORMAL`).
+    Normal,
+}
 
 /// `agentcast`: real-time updates for an agent/task platform.
 #[derive(Debug, Parser)]
@@ -46,9 +57,18 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
 
-    /// Folder for state (the generated JWT secret; the store in later versions).
+    /// Folder for state: the SQLite store agentcast.db and the generated JWT secret.
     #[arg(long, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// Where tenant logs live: sqlite (durable, 202 after commit) or memory (lost on restart).
+    #[arg(long, env = "LOG_STORE", value_enum, default_value = "sqlite")]
+    pub log_store: LogStoreKind,
+
+    /// When a commit reaches the disk: full (fsync every commit: survives power loss)
+    /// or normal (fsync at checkpoints: survives kill -9, a power loss may drop the last commits).
+    #[arg(long, env = "STORE_SYNC", value_enum, default_value = "full")]
+    pub store_sync: StoreSync,
 
     /// HS256 secret for tokens. Unset: generated once and kept in DATA_DIR/jwt_secret.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -268,6 +288,10 @@ pub struct Settings {
     pub bind: IpAddr,
     pub port: u16,
     pub data_dir: PathBuf,
+    /// The engine of the tenant logs (`LOG_STORE`).
+    pub log_store: LogStoreKind,
+    /// fsync policy of the store (`STORE_SYNC`).
+    pub store_sync: StoreSync,
     pub jwt_secret: Secret,
     pub jwt_public_key: Option<String>,
     /// Clock skew allowed on `exp`; 30 s in production, 0 in tests that watch expiry.
@@ -309,6 +333,8 @@ impl Settings {
             bind: args.bind,
             port: args.port,
             data_dir: args.data_dir,
+            log_store: args.log_store,
+            store_sync: args.store_sync,
             jwt_secret,
             jwt_public_key: args.jwt_public_key,
             jwt_leeway: Duration::from_secs(30),
@@ -343,6 +369,8 @@ impl Settings {
             bind: IpAddr::from([127, 0, 0, 1]),
             port: 0,
             data_dir: data_dir.into(),
+            log_store: LogStoreKind::Sqlite,
+            store_sync: StoreSync::Full,
             jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
             jwt_public_key: None,
             jwt_leeway: Duration::ZERO,
@@ -491,6 +519,35 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5 weeks").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn log_store_and_store_sync_default_to_durable_and_parse() {
+        // The defaults, unless the environment running the test sets them.
+        if std::env::var_os("LOG_STORE").is_none() && std::env::var_os("STORE_SYNC").is_none() {
+            let cli = Cli::try_parse_from(["agentcast"]).unwrap();
+            assert_eq!(
+                (cli.serve.log_store, cli.serve.store_sync),
+                (LogStoreKind::Sqlite, StoreSync::Full)
+            );
+        }
+        let cli = Cli::try_parse_from([
+            "agentcast",
+            "serve",
+            "--log-store",
+            "memory",
+            "--store-sync",
+            "normal",
+        ])
+        .unwrap();
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!("serve subcommand");
+        };
+        assert_eq!(
+            (args.log_store, args.store_sync),
+            (LogStoreKind::Memory, StoreSync::Normal)
+        );
+        assert!(Cli::try_parse_from(["agentcast", "--log-store", "redis"]).is_err());
     }
 
     #[test]

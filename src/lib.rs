@@ -15,17 +15,20 @@
 //! - [`accounts`]: the bootstrap admin, signup, login and its failed-login limiter.
 //! - [`hub`]: the fan-out core — tenants, connections, outboxes, and the
 //!   per-connection [`hub::session`] loop; [`hub::wire`] holds the frame shapes.
-//! - [`log`]: per-tenant `seq`, `epoch`, history and the resume rule.
+//! - [`log`]: per-tenant `seq`, `epoch`, history and the resume rule: the
+//!   in-memory cache in front of a [`log::LogStore`] (memory or SQLite).
 //! - [`metrics`]: counters and histograms behind `/api/v1/ws/stats` and `/metrics`.
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
-//! - [`store`]: the SQLite file — accounts, API keys, durable tenant logs, views
-//!   (built and unit-tested; the hub and routes do not use it yet).
+//! - [`store`]: the SQLite file — durable tenant logs (one writer thread, group
+//!   commit), the views of SPEC §5, accounts, API keys.
 //! - [`bench`]: the load tool (`agentcast bench`).
 //!
 //! A message's path: `routes::publish` validates it, `hub::Hub::publish` gives it
-//! a `seq`, serializes it once into a `hub::wire::Envelope`, appends it to the
-//! tenant's `log::TenantLog` and pushes the shared bytes into each addressed
-//! `hub::outbox::Outbox`; each `hub::session` writes its outbox to its socket.
+//! a `seq`, serializes it once into a `hub::wire::Envelope` and hands it to the
+//! `log::LogStore` (the store's writer queue); once its transaction committed,
+//! it is pushed into the tenant's `log::TenantLog` history and its shared bytes
+//! into each addressed `hub::outbox::Outbox`, and the publish is answered 202;
+//! each `hub::session` writes its outbox to its socket.
 
 #![forbid(unsafe_code)]
 

@@ -1,9 +1,13 @@
 //! Tenant logs: each tenant's `seq` counter, `epoch` and bounded history, and
 //! the resume rule of SPEC §4.3.
 //!
-//! This is the in-memory engine. A durable store (SQLite) and a shared one
-//! (Redis) take its place behind the same calls — `append`, `head`, `resume` —
-//! so the hub never learns which one it talks to.
+//! [`TenantLog`] is the in-memory side: what connections are served from. It
+//! is a cache in front of a [`LogStore`] (`engine.rs`): memory only, or the
+//! SQLite store, later Redis. The hub hands each message to the `LogStore` and
+//! only [`TenantLog::push`]es it (and fans it out) once the store says it is
+//! committed, so the log's `head` and history only ever hold committed
+//! messages, while [`TenantLog::assign`] keeps handing out the seqs of
+//! messages still on their way to the disk.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,13 +15,22 @@ use std::sync::Arc;
 use crate::auth::Role;
 use crate::hub::wire::Envelope;
 
+mod engine;
+
+pub use engine::{Appended, LogEntry, LogStore, LogStoreKind};
+
 /// One tenant's ordered log.
 #[derive(Debug)]
 pub struct TenantLog {
     /// Random id of this history; a client holding another epoch cannot resume.
     epoch: String,
-    /// The last `seq` handed out (0 before the first publish).
+    /// The highest committed `seq` (0 before the first commit): what a
+    /// connection is told is the head, and the last entry of `history`.
     head: u64,
+    /// The next `seq` to hand out. Above `head` while appends are in flight;
+    /// never lowered past a seq that reached the store, so a seq whose append
+    /// failed after queueing is skipped (a hole), never reused.
+    next: u64,
     /// The newest `capacity` messages, oldest first.
     history: VecDeque<Arc<Envelope>>,
     capacity: usize,
@@ -37,9 +50,35 @@ impl TenantLog {
         TenantLog {
             epoch: uuid::Uuid::new_v4().simple().to_string(),
             head: 0,
+            next: 1,
             history: VecDeque::new(),
             capacity,
         }
+    }
+
+    /// A log rebuilt from the store: its epoch, committed head and newest
+    /// messages (oldest first, seqs increasing; older ones beyond `capacity`
+    /// are dropped).
+    pub fn restore(
+        epoch: String,
+        head: u64,
+        history: impl IntoIterator<Item = Arc<Envelope>>,
+        capacity: usize,
+    ) -> Self {
+        let mut log = TenantLog {
+            epoch,
+            head: 0,
+            next: 1,
+            history: VecDeque::new(),
+            capacity,
+        };
+        for envelope in history {
+            log.push(envelope);
+        }
+        // The head row may be above the newest kept message (trimmed or holes).
+        log.head = log.head.max(head);
+        log.next = log.head + 1;
+        log
     }
 
     pub fn epoch(&self) -> &str {
@@ -50,18 +89,64 @@ impl TenantLog {
         self.head
     }
 
-    /// The next `seq`; the caller encodes the envelope with it and [`TenantLog::push`]es it.
-    pub fn next_seq(&self) -> u64 {
-        self.head + 1
+    /// Messages kept in history.
+    pub fn len(&self) -> usize {
+        self.history.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.history.is_empty()
+    }
+
+    /// Hands out the next `seq`. The caller encodes the envelope with it
+    /// and, once committed, [`TenantLog::push`]es it — or gives it back with
+    /// [`TenantLog::unassign`] if it never reached the store.
+    pub fn assign(&mut self) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        seq
+    }
+
+    /// The seq [`TenantLog::assign`] hands out next.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
+    /// Takes back `seq` if it is the last one handed out. Only for a seq no
+    /// store ever saw (its append was refused synchronously, under the same
+    /// lock as [`TenantLog::assign`]), so nobody can have seen it either.
+    pub fn unassign(&mut self, seq: u64) {
+        if seq + 1 == self.next && seq > self.head {
+            self.next = seq;
+        }
+    }
+
+    /// Adds a committed message. Seqs arrive increasing but not necessarily
+    /// consecutive: a failed append leaves a hole that no client ever sees
+    /// (not live, not in a replay, not as a head), so resume is unaffected.
     pub fn push(&mut self, envelope: Arc<Envelope>) {
-        debug_assert_eq!(envelope.seq, self.head + 1, "seq must grow by one");
+        debug_assert!(envelope.seq > self.head, "seq must grow");
+        if envelope.seq <= self.head {
+            return;
+        }
         self.head = envelope.seq;
+        self.next = self.next.max(envelope.seq + 1);
         if self.history.len() == self.capacity {
             self.history.pop_front();
         }
         self.history.push_back(envelope);
+    }
+
+    /// Takes the store's word for this log's epoch and head, when they
+    /// differ from what memory believed (a log the store created otherwise).
+    /// A different epoch is a different history: the cached one goes.
+    pub fn adopt(&mut self, epoch: String, head: u64) {
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.history.clear();
+        }
+        self.head = self.head.max(head);
+        self.next = self.next.max(self.head + 1);
     }
 
     /// Everything addressed to `user` after `since`, if `epoch` is this log's.
@@ -98,7 +183,7 @@ mod tests {
 
     fn publish(log: &mut TenantLog, target: Target) {
         let data = serde_json::json!({});
-        let seq = log.next_seq();
+        let seq = log.assign();
         log.push(Arc::new(Envelope::encode(
             "t", &data, "id", seq, "ts", target,
         )));
@@ -140,5 +225,96 @@ mod tests {
         assert!(foreign.entries.is_empty());
         assert!(log.resume(10, &epoch, "u", Role::User).complete);
         assert!(!log.resume(11, &epoch, "u", Role::User).complete);
+    }
+
+    fn envelope(seq: u64) -> Arc<Envelope> {
+        let data = serde_json::json!({});
+        Arc::new(Envelope::encode(
+            "t",
+            &data,
+            "id",
+            seq,
+            "ts",
+            Target::Broadcast,
+        ))
+    }
+
+    #[test]
+    fn assigned_seqs_stay_invisible_until_committed() {
+        let mut log = TenantLog::new(100);
+        let (a, b) = (log.assign(), log.assign());
+        assert_eq!((a, b, log.head()), (1, 2, 0));
+        let epoch = log.epoch().to_owned();
+        assert!(log.resume(0, &epoch, "u", Role::User).entries.is_empty());
+        log.push(envelope(a));
+        assert_eq!(log.head(), 1);
+        assert_eq!(
+            log.assign(),
+            3,
+            "the next seq is above every one handed out"
+        );
+    }
+
+    #[test]
+    fn only_a_never_queued_last_seq_is_given_back() {
+        let mut log = TenantLog::new(100);
+        let first = log.assign();
+        log.unassign(first);
+        assert_eq!(log.assign(), 1, "a refused seq is handed out again");
+        let second = log.assign();
+        log.unassign(1);
+        assert_eq!(log.assign(), 3, "not the last one: kept as a hole");
+        log.push(envelope(second));
+        log.unassign(second);
+        assert_eq!(log.assign(), 4, "a committed seq is never taken back");
+    }
+
+    #[test]
+    fn a_failed_seq_is_a_hole_that_resume_steps_over() {
+        let mut log = TenantLog::new(100);
+        for _ in 0..3 {
+            log.assign();
+        }
+        // seq 2 failed in the store: 1 and 3 committed.
+        log.push(envelope(1));
+        log.push(envelope(3));
+        let epoch = log.epoch().to_owned();
+        let replay = log.resume(0, &epoch, "u", Role::User);
+        assert!(replay.complete);
+        assert_eq!(replay.to, 3);
+        assert_eq!(
+            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 3]
+        );
+        // A client that saw 1 resumes without waiting for 2.
+        assert!(log.resume(1, &epoch, "u", Role::User).complete);
+        assert_eq!(log.assign(), 4);
+    }
+
+    #[test]
+    fn restore_continues_above_the_stored_head() {
+        let log = TenantLog::restore("e".into(), 9, (5..=7).map(envelope), 2);
+        assert_eq!((log.epoch(), log.head(), log.len()), ("e", 9, 2));
+        let mut log = log;
+        assert_eq!(log.assign(), 10);
+        assert!(!log.resume(4, "e", "u", Role::User).complete);
+        assert!(log.resume(5, "e", "u", Role::User).complete);
+    }
+
+    #[test]
+    fn adopting_the_stores_epoch_drops_the_cached_history() {
+        let mut log = TenantLog::new(10);
+        log.assign();
+        log.push(envelope(1));
+        let epoch = log.epoch().to_owned();
+        log.adopt(epoch.clone(), 0);
+        assert_eq!(
+            (log.len(), log.head()),
+            (1, 1),
+            "same epoch: nothing changes"
+        );
+        log.adopt("stored".into(), 7);
+        assert_eq!((log.epoch(), log.head(), log.len()), ("stored", 7, 0));
+        assert_eq!(log.assign(), 8);
     }
 }

@@ -12,6 +12,11 @@
 //! - **to-user**: user-addressed sends with several POSTs in flight: POSTs per
 //!   second, lost and misrouted messages (a connection receiving a message
 //!   addressed to another user).
+//! - **publish**: the publish path itself (issue 3): broadcasts with
+//!   `--in-flight` POSTs at a time and one watching connection (default):
+//!   acknowledged publishes per second and POST latency p50/p99, which is
+//!   where the store's group commit shows (compare `LOG_STORE=sqlite` with
+//!   `LOG_STORE=memory` on the same machine).
 //!
 //! How: every connection is a real WebSocket authenticated with an HS256 token
 //! the tool mints with the server's secret, in a fresh tenant per run so runs and
@@ -66,11 +71,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
 
-    /// WebSocket connections to open [default: idle 19000, fanout 10000, rate 1000, to-user 2000].
+    /// WebSocket connections to open [default: idle 19000, fanout 10000, rate 1000, to-user 2000, publish 1].
     #[arg(long)]
     pub conns: Option<usize>,
 
-    /// Messages to publish [default: fanout 200, to-user 20000, rate: rate × duration].
+    /// Messages to publish [default: fanout 200, to-user 20000, publish 100000, rate: rate × duration].
     #[arg(long)]
     pub messages: Option<u64>,
 
@@ -132,6 +137,8 @@ pub enum Scenario {
     Rate,
     /// Messages to single users, --in-flight at a time: POSTs/s, lost, misrouted.
     ToUser,
+    /// Broadcasts as fast as --in-flight POSTs allow, one watcher: acks/s, POST p50/p99.
+    Publish,
 }
 
 impl Scenario {
@@ -141,6 +148,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Rate => "rate",
             Scenario::ToUser => "to-user",
+            Scenario::Publish => "publish",
         }
     }
 }

@@ -59,6 +59,7 @@ impl Bench {
             Scenario::Fanout => 10_000,
             Scenario::Rate => 1_000,
             Scenario::ToUser => 2_000,
+            Scenario::Publish => 1,
         });
         let users = args.users.unwrap_or(match scenario {
             Scenario::ToUser => 500,
@@ -78,6 +79,7 @@ impl Bench {
             },
             Scenario::Fanout => (args.messages.unwrap_or(200), Duration::ZERO),
             Scenario::ToUser => (args.messages.unwrap_or(20_000), Duration::ZERO),
+            Scenario::Publish => (args.messages.unwrap_or(100_000), Duration::ZERO),
         };
         if conns == 0 || users == 0 || args.in_flight == 0 || args.connect_concurrency == 0 {
             return Err(

@@ -96,12 +96,20 @@ pub struct ClientFrame {
 
 /// Now as RFC 3339 UTC with milliseconds, e.g. `2026-11-22T10:00:00.123Z`.
 pub fn timestamp() -> String {
+    timestamp_with_ms().0
+}
+
+/// Now as [`timestamp`] text and as Unix milliseconds (what the store keeps).
+pub fn timestamp_with_ms() -> (String, i64) {
     const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    time::OffsetDateTime::now_utc()
+    let now = time::OffsetDateTime::now_utc();
+    let ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let text = now
         .format(FORMAT)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned());
+    (text, ms)
 }
 
 #[cfg(test)]

@@ -159,5 +159,13 @@ fn who(claims: &Claims) -> &str {
 /// call so the hub's publish API can change (e.g. become async) in one place.
 async fn alert_admins(shared: &Shared, tenant: &str, message: String) {
     let data = json!({ "message": message, "level": "warning" });
-    shared.hub.publish(tenant, "system", &data, Target::Admins);
+    // The key change itself is committed; an alert the log cannot take now
+    // is logged instead of failing the request.
+    if let Err(error) = shared
+        .hub
+        .publish(tenant, "system", &data, Target::Admins)
+        .await
+    {
+        tracing::warn!(tenant, %error, "api key alert not published");
+    }
 }

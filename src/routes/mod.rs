@@ -7,6 +7,7 @@ mod body;
 mod ops;
 mod pages;
 mod publish;
+mod views;
 mod ws;
 
 use std::convert::Infallible;
@@ -57,6 +58,9 @@ pub fn all(
         .or(publish::broadcast_publish(shared.clone()))
         .or(publish::user_publish(shared.clone()))
         .or(publish::user_presence(shared.clone()))
+        .or(views::tasks_list(shared.clone()))
+        .or(views::agents_list(shared.clone()))
+        .or(views::analytics_get(shared.clone()))
         .or(accounts::auth_signup(shared.clone()))
         .or(accounts::auth_login(shared.clone()))
         .or(accounts::auth_refresh(shared.clone()))

@@ -13,6 +13,7 @@ use super::{with_shared, Shared};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::hub::wire::{Target, RESERVED_TYPES};
+use crate::hub::PublishError;
 
 /// POST /api/v1/ws/broadcast
 pub fn broadcast_publish(
@@ -23,9 +24,9 @@ pub fn broadcast_publish(
         .and(publisher(shared.clone()))
         .and(json_body(shared.max_message_bytes))
         .and(with_shared(shared))
-        .map(
-            |principal: Principal, body: PublishBody, shared: Arc<Shared>| {
-                publish(&shared, &principal, body, Target::Broadcast)
+        .then(
+            |principal: Principal, body: PublishBody, shared: Arc<Shared>| async move {
+                publish(&shared, &principal, body, Target::Broadcast).await
             },
         )
 }
@@ -41,7 +42,7 @@ pub fn user_publish(
         .and(with_shared(shared))
         .and_then(|user: String, principal: Principal, body: PublishBody, shared: Arc<Shared>| async move {
             let user = user_id(&user)?;
-            Ok::<_, Rejection>(publish(&shared, &principal, body, Target::User(user.into())))
+            Ok::<_, Rejection>(publish(&shared, &principal, body, Target::User(user.into())).await)
         })
 }
 
@@ -99,7 +100,9 @@ pub struct PublishBody {
     data: Value,
 }
 
-fn publish(
+/// Validates, publishes, and answers 202 once the message is committed —
+/// or 503 when the log could not take it (nothing of it was delivered).
+async fn publish(
     shared: &Shared,
     principal: &Principal,
     body: PublishBody,
@@ -109,9 +112,21 @@ fn publish(
     if let Err(e) = validate(&body.kind, &body.data) {
         return e.into_response();
     }
-    let receipt = shared
+    let published = shared
         .hub
-        .publish(principal.tenant(), &body.kind, &body.data, target);
+        .publish(principal.tenant(), &body.kind, &body.data, target)
+        .await;
+    let receipt = match published {
+        Ok(receipt) => receipt,
+        Err(PublishError::Invalid(text)) => return ApiError::Unprocessable(text).into_response(),
+        Err(PublishError::Unavailable(error)) => {
+            tracing::warn!(tenant = principal.tenant(), %error, "publish refused: the log is unavailable");
+            return ApiError::Unavailable(
+                "the message log is unavailable; nothing was published, retry later".into(),
+            )
+            .into_response();
+        }
+    };
     tracing::debug!(tenant = principal.tenant(), kind = %body.kind, seq = receipt.seq, recipients = receipt.recipients, "published");
     shared
         .hub

@@ -7,7 +7,9 @@ use rusqlite::{params, Connection};
 use tokio::sync::{mpsc::error::TrySendError, oneshot};
 
 use super::writer::Request;
-use super::{check_name, new_id, now_ms, LoadedLog, Store, StoreError, StoredMessage};
+use super::{
+    check_name, new_id, now_ms, LoadedLog, Store, StoreError, StoredMessage, StoredTarget,
+};
 
 impl Store {
     /// Every tenant's epoch and head and its newest `history` messages,
@@ -21,9 +23,20 @@ impl Store {
     /// The tenant's `(epoch, head)`, creating its log with a fresh random
     /// epoch if it has none. The epoch is never changed afterwards.
     pub async fn ensure_log(&self, tenant: &str) -> Result<(String, u64), StoreError> {
+        self.ensure_log_with_epoch(tenant, new_id()).await
+    }
+
+    /// Like [`Store::ensure_log`], but a log created now gets `epoch`: the
+    /// hub may already have told connections of a new tenant an epoch before
+    /// its first publish creates the log. An existing log keeps its own.
+    pub async fn ensure_log_with_epoch(
+        &self,
+        tenant: &str,
+        epoch: String,
+    ) -> Result<(String, u64), StoreError> {
         check_name("tenant", tenant)?;
+        check_name("epoch", &epoch)?;
         let tenant = tenant.to_owned();
-        let epoch = new_id();
         self.write(move |conn| ensure(conn, &tenant, &epoch), |_| {})
             .await
     }
@@ -43,26 +56,34 @@ impl Store {
         message: StoredMessage,
         on_commit: Box<dyn FnOnce() + Send>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let queued = self.check_open().and_then(|()| {
-            let (done_tx, done_rx) = oneshot::channel();
-            let request = Request::Append {
-                message,
-                on_commit,
-                done: done_tx,
-            };
-            match self.inner.write_tx.try_send(request) {
-                Ok(()) => Ok(done_rx),
-                Err(TrySendError::Full(_)) => {
-                    Err(StoreError::Busy("the write queue is full".into()))
-                }
-                Err(TrySendError::Closed(_)) => Err(StoreError::Closed),
-            }
-        });
+        let queued = self.try_append(message, on_commit);
         async move {
             match queued {
-                Ok(done_rx) => done_rx.await.unwrap_or(Err(StoreError::Closed)),
+                Ok(committed) => committed.await,
                 Err(error) => Err(error),
             }
+        }
+    }
+
+    /// [`Store::append`] that tells at once whether the message was queued:
+    /// `Err` means it never reached the writer (queue full, store closed),
+    /// so the caller may hand its `seq` out again; `Ok` is the commit's outcome.
+    pub fn try_append(
+        &self,
+        message: StoredMessage,
+        on_commit: Box<dyn FnOnce() + Send>,
+    ) -> Result<impl Future<Output = Result<(), StoreError>> + Send + 'static, StoreError> {
+        self.check_open()?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let request = Request::Append {
+            message,
+            on_commit,
+            done: done_tx,
+        };
+        match self.inner.write_tx.try_send(request) {
+            Ok(()) => Ok(async move { done_rx.await.unwrap_or(Err(StoreError::Closed)) }),
+            Err(TrySendError::Full(_)) => Err(StoreError::Busy("the write queue is full".into())),
+            Err(TrySendError::Closed(_)) => Err(StoreError::Closed),
         }
     }
 }
@@ -102,7 +123,7 @@ fn load(conn: &Connection, history: usize) -> Result<Vec<LoadedLog>, StoreError>
         })?
         .collect::<Result<_, _>>()?;
     let mut newest = tx.prepare(
-        "SELECT seq, target_user, kind, body, id, ts_ms FROM messages
+        "SELECT seq, target_user, target_role, kind, body, id, ts_ms FROM messages
          WHERE tenant = ?1 ORDER BY seq DESC LIMIT ?2",
     )?;
     for log in &mut logs {
@@ -112,11 +133,12 @@ fn load(conn: &Connection, history: usize) -> Result<Vec<LoadedLog>, StoreError>
                 Ok(StoredMessage {
                     tenant: tenant.clone(),
                     seq: to_u64(row.get(0)?),
-                    target_user: row.get(1)?,
-                    kind: row.get(2)?,
-                    body: row.get(3)?,
-                    id: row.get(4)?,
-                    ts_ms: row.get(5)?,
+                    target: StoredTarget::from_columns(row.get(1)?, row.get(2)?),
+                    kind: row.get(3)?,
+                    body: row.get(4)?,
+                    id: row.get(5)?,
+                    ts_ms: row.get(6)?,
+                    view: None,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -146,11 +168,16 @@ mod tests {
         StoredMessage {
             tenant: tenant.to_owned(),
             seq,
-            target_user: (seq % 3 == 0).then(|| "bob".to_owned()),
+            target: match seq % 3 {
+                0 => StoredTarget::User("bob".to_owned()),
+                1 => StoredTarget::Admins,
+                _ => StoredTarget::Broadcast,
+            },
             kind: "notification".to_owned(),
             body: format!(r#"{{"type":"notification","data":{{}},"seq":{seq}}}"#),
             id: format!("id-{seq}"),
             ts_ms: 1_700_000_000_000 + i64::try_from(seq).unwrap(),
+            view: None,
         }
     }
 

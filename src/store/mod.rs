@@ -1,6 +1,7 @@
 //! The embedded durable store: one SQLite file, `DATA_DIR/agentcast.db`,
 //! holding accounts, API-key hashes, every tenant log's epoch, head and
-//! history, and (next) the views.
+//! history, and the views (`views.rs`), which change in the same transaction
+//! as the message that changes them.
 //!
 //! [`Store`] is a cheap clone-able handle. Behind it:
 //! - one **writer thread** (`writer.rs`) owns the only read-write connection.
@@ -26,7 +27,10 @@ mod accounts;
 mod api_keys;
 mod logs;
 mod schema;
+mod views;
 mod writer;
+
+pub use views::{AgentEntry, TaskEntry, ViewUpdate, Viewer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -173,14 +177,51 @@ impl Default for StoreOptions {
 pub struct StoredMessage {
     pub tenant: String,
     pub seq: u64,
-    /// `None` for a tenant broadcast.
-    pub target_user: Option<String>,
+    /// Who may see it; survives a restart so replay after one addresses the
+    /// same connections as the live delivery did.
+    pub target: StoredTarget,
     /// The message `type`, kept so views can be rebuilt from history.
     pub kind: String,
     /// The frame exactly as it goes on the socket (serialized once).
     pub body: String,
     pub id: String,
     pub ts_ms: i64,
+    /// What the message changes in the views (a `task_update` or an
+    /// `agent_update`), applied in the same transaction as the append.
+    pub view: Option<ViewUpdate>,
+}
+
+/// The addressees of a stored message inside its tenant, as the columns
+/// `target_user` and `target_role` (migration 2) hold them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredTarget {
+    /// Every connection of the tenant (both columns NULL).
+    Broadcast,
+    /// Every connection of one user (`target_user`).
+    User(String),
+    /// Every admin connection (`target_role = 'admin'`).
+    Admins,
+}
+
+impl StoredTarget {
+    /// The `(target_user, target_role)` column values.
+    pub(crate) fn columns(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            StoredTarget::Broadcast => (None, None),
+            StoredTarget::User(user) => (Some(user), None),
+            StoredTarget::Admins => (None, Some("admin")),
+        }
+    }
+
+    /// Back from the columns. A role other than `admin` cannot be stored
+    /// (the schema checks it); a row with both set is read as the user's.
+    pub(crate) fn from_columns(user: Option<String>, role: Option<String>) -> StoredTarget {
+        match (user, role) {
+            (Some(user), _) => StoredTarget::User(user),
+            (None, Some(_)) => StoredTarget::Admins,
+            (None, None) => StoredTarget::Broadcast,
+        }
+    }
 }
 
 /// One tenant log as found at start-up.

@@ -97,6 +97,26 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, agent_id)
     ) WITHOUT ROWID;
     "#,
+    // 2: messages addressed to a tenant's admins (Target::Admins) must stay
+    // addressed to them after a restart; `target_user` alone cannot say so.
+    // NULL: no role restriction (a broadcast, or a user's message).
+    r#"
+    ALTER TABLE messages ADD COLUMN target_role TEXT
+        CHECK (target_role IS NULL OR target_role = 'admin');
+    "#,
+    // 3: the views (SPEC §5) get the same addressing as messages: an entry
+    // set by a message to the admins is for admins only (`visible_role`), and
+    // agents, like tasks, are visible to whom their message was addressed.
+    // Lists are read newest first per tenant, hence the (tenant, seq) indexes.
+    r#"
+    ALTER TABLE tasks ADD COLUMN visible_role TEXT
+        CHECK (visible_role IS NULL OR visible_role = 'admin');
+    ALTER TABLE agents ADD COLUMN visible_to TEXT;
+    ALTER TABLE agents ADD COLUMN visible_role TEXT
+        CHECK (visible_role IS NULL OR visible_role = 'admin');
+    CREATE INDEX tasks_by_seq ON tasks (tenant, seq);
+    CREATE INDEX agents_by_seq ON agents (tenant, seq);
+    "#,
 ];
 
 /// The schema version this binary writes.

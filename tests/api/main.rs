@@ -8,6 +8,9 @@
 //! - `ws`: the frames of §4.1–4.2, delivery, isolation, the close codes;
 //! - `resume`: ordering, history and resume of §4.3;
 //! - `limits`: connection limits, frame floods, slow consumers;
+//! - `durability`: the durable log across clean restarts, `kill -9` and a store
+//!   that cannot commit (issue 3);
+//! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts;
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
 //! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
 //! - `logs`: the real binary's log holds no password, token or key;
@@ -16,6 +19,7 @@
 mod accounts;
 mod api_keys;
 mod auth;
+mod durability;
 mod helpers;
 mod http;
 mod limits;
@@ -23,4 +27,5 @@ mod logs;
 mod pages;
 mod publish;
 mod resume;
+mod views;
 mod ws;

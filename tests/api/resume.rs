@@ -9,7 +9,7 @@ use crate::publish::broadcast_n;
 
 /// Reads a resumed connection up to and including its `replay` frame; returns
 /// the replayed frames and the `replay` data.
-async fn read_replay(client: &mut WsClient) -> (Vec<Value>, Value) {
+pub(crate) async fn read_replay(client: &mut WsClient) -> (Vec<Value>, Value) {
     let mut replayed = Vec::new();
     loop {
         let frame = client.next_json().await;

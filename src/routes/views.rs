@@ -1,0 +1,196 @@
+//! The views (SPEC §3, §5): tasks, agents and per-minute analytics of the
+//! caller's tenant. Any valid JWT of the tenant may read them; a user sees
+//! the entries set by broadcasts and by messages to them, an admin all of
+//! the tenant's. Nothing crosses tenants: the tenant comes from the token.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use warp::{Filter, Rejection, Reply};
+
+use super::{with_shared, Shared};
+use crate::auth::{bearer, Claims};
+use crate::error::ApiError;
+use crate::store::{AgentEntry, StoreError, TaskEntry, Viewer};
+
+/// Entries a list returns without `?limit=`.
+const DEFAULT_LIMIT: usize = 100;
+/// The most a list returns.
+const MAX_LIMIT: usize = 1000;
+
+/// GET /api/v1/tasks
+pub fn tasks_list(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api" / "v1" / "tasks")
+        .and(warp::get())
+        .and(reader(shared.clone()))
+        .and(limit())
+        .and(with_shared(shared))
+        .and_then(
+            |claims: Claims, limit: usize, shared: Arc<Shared>| async move {
+                let tasks = shared
+                    .store
+                    .tasks(viewer(&claims), limit)
+                    .await
+                    .map_err(unavailable)?;
+                let tasks: Vec<TaskView> = tasks.into_iter().map(TaskView::from).collect();
+                Ok::<_, Rejection>(warp::reply::json(&json!({ "tasks": tasks })))
+            },
+        )
+}
+
+/// GET /api/v1/agents
+pub fn agents_list(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api" / "v1" / "agents")
+        .and(warp::get())
+        .and(reader(shared.clone()))
+        .and(limit())
+        .and(with_shared(shared))
+        .and_then(
+            |claims: Claims, limit: usize, shared: Arc<Shared>| async move {
+                let agents = shared
+                    .store
+                    .agents(viewer(&claims), limit)
+                    .await
+                    .map_err(unavailable)?;
+                let agents: Vec<AgentView> = agents.into_iter().map(AgentView::from).collect();
+                Ok::<_, Rejection>(warp::reply::json(&json!({ "agents": agents })))
+            },
+        )
+}
+
+/// GET /api/v1/analytics
+pub fn analytics_get(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api" / "v1" / "analytics")
+        .and(warp::get())
+        .and(reader(shared.clone()))
+        .and(with_shared(shared))
+        .map(|claims: Claims, shared: Arc<Shared>| {
+            let minutes = shared.hub.analytics(&claims.tenant);
+            warp::reply::json(&json!({
+                "tenant": claims.tenant,
+                "minutes": minutes,
+            }))
+        })
+}
+
+/// The caller: any valid JWT (user or admin). API keys publish; they do not read.
+fn reader(shared: Arc<Shared>) -> impl Filter<Extract = (Claims,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(with_shared(shared))
+        .and_then(
+            |authorization: Option<String>, shared: Arc<Shared>| async move {
+                let verified = bearer(authorization.as_deref())
+                    .ok_or(crate::auth::AuthError::Missing)
+                    .and_then(|token| shared.auth.verify(token));
+                verified.map_err(|e| {
+                    shared.hub.metrics().auth_failures.inc();
+                    warp::reject::custom(ApiError::Unauthorized(e))
+                })
+            },
+        )
+}
+
+/// `?limit=N`: 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent; else 422.
+fn limit() -> impl Filter<Extract = (usize,), Error = Rejection> + Clone {
+    warp::query::<HashMap<String, String>>().and_then(|query: HashMap<String, String>| async move {
+        match query.get("limit") {
+            None => Ok(DEFAULT_LIMIT),
+            Some(text) => text
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    warp::reject::custom(ApiError::Unprocessable(format!(
+                        "limit must be an integer from 1 to {MAX_LIMIT}"
+                    )))
+                }),
+        }
+    })
+}
+
+fn viewer(claims: &Claims) -> Viewer {
+    Viewer {
+        tenant: claims.tenant.clone(),
+        user: claims.sub.clone(),
+        admin: claims.is_admin(),
+    }
+}
+
+/// A store that cannot be read: 503, with the detail logged, not shown.
+fn unavailable(error: StoreError) -> Rejection {
+    tracing::warn!(%error, "view read failed");
+    warp::reject::custom(ApiError::Unavailable(
+        "the view store is unavailable; retry later".into(),
+    ))
+}
+
+/// A task as the list shows it.
+#[derive(Serialize)]
+struct TaskView {
+    task_id: String,
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<f64>,
+    seq: u64,
+    updated_at: String,
+    data: Value,
+}
+
+impl From<TaskEntry> for TaskView {
+    fn from(task: TaskEntry) -> Self {
+        TaskView {
+            task_id: task.task_id,
+            status: task.status,
+            query: task.query,
+            progress: task.progress,
+            seq: task.seq,
+            updated_at: rfc3339_ms(task.updated_at_ms),
+            data: task.data,
+        }
+    }
+}
+
+/// An agent as the list shows it.
+#[derive(Serialize)]
+struct AgentView {
+    agent_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    seq: u64,
+    updated_at: String,
+    data: Value,
+}
+
+impl From<AgentEntry> for AgentView {
+    fn from(agent: AgentEntry) -> Self {
+        AgentView {
+            agent_id: agent.agent_id,
+            name: agent.name,
+            seq: agent.seq,
+            updated_at: rfc3339_ms(agent.updated_at_ms),
+            data: agent.data,
+        }
+    }
+}
+
+/// Unix milliseconds as `2026-11-22T10:00:00.123Z`, like the `ts` of frames.
+fn rfc3339_ms(ms: i64) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(FORMAT).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
+}

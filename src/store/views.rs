@@ -1,0 +1,383 @@
+//! The views of SPEC §5, kept in the same transaction as the log: the latest
+//! `task_update` per task and the current agents of each tenant, each entry
+//! with the `seq` that set it and who may see it.
+//!
+//! The writer applies a [`ViewUpdate`] right after inserting its message (in
+//! one savepoint), so a view never shows a message the log lost, and never
+//! misses one the log kept: after a `kill -9` both are as of the last commit.
+//! Visibility copies the message's addressing: a broadcast is everyone's, a
+//! message to a user is that user's, one to the admins is theirs; admins see
+//! every entry of their tenant.
+
+use rusqlite::{params, Connection};
+use serde_json::Value;
+
+use super::{Store, StoreError, StoredMessage};
+
+/// What a published message changes in the views. Built by the hub from the
+/// message's `type` and `data` (already validated by the publish route); the
+/// fields the lists show are read from `data` by SQLite itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewUpdate {
+    /// A `task_update`: the task's entry becomes this message's `data`.
+    Task { task_id: String, data: String },
+    /// An `agent_update` with action `registered` or `updated`.
+    AgentUpsert { agent_id: String, data: String },
+    /// An `agent_update` with action `deleted`.
+    AgentDelete { agent_id: String },
+}
+
+/// Who is reading a view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Viewer {
+    pub tenant: String,
+    pub user: String,
+    /// Admins see every entry of their tenant.
+    pub admin: bool,
+}
+
+/// One task as `GET /api/v1/tasks` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEntry {
+    pub task_id: String,
+    pub status: String,
+    pub query: Option<String>,
+    pub progress: Option<f64>,
+    /// The seq of the message that set this state.
+    pub seq: u64,
+    pub updated_at_ms: i64,
+    /// That message's whole `data` object.
+    pub data: Value,
+}
+
+/// One agent as `GET /api/v1/agents` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentEntry {
+    pub agent_id: String,
+    pub name: Option<String>,
+    pub seq: u64,
+    pub updated_at_ms: i64,
+    pub data: Value,
+}
+
+impl ViewUpdate {
+    /// The update a message of `kind` with `data` makes, if any. Data that
+    /// lacks the identifying field changes nothing (the publish route
+    /// refuses it anyway; other callers may be less strict).
+    pub fn of(kind: &str, data: &Value) -> Option<ViewUpdate> {
+        let text = |field: &str| {
+            data.get(field)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        match kind {
+            "task_update" => {
+                text("status")?;
+                Some(ViewUpdate::Task {
+                    task_id: text("task_id")?,
+                    data: data.to_string(),
+                })
+            }
+            "agent_update" => {
+                let agent_id = text("agent_id")?;
+                match text("action")?.as_str() {
+                    "deleted" => Some(ViewUpdate::AgentDelete { agent_id }),
+                    _ => Some(ViewUpdate::AgentUpsert {
+                        agent_id,
+                        data: data.to_string(),
+                    }),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Applies the update of `message` inside the writer's transaction. A
+    /// later `seq` always wins, so replaying an old message changes nothing.
+    pub(crate) fn apply(
+        &self,
+        conn: &Connection,
+        message: &StoredMessage,
+    ) -> Result<(), StoreError> {
+        let (visible_to, visible_role) = message.target.columns();
+        let seq = i64::try_from(message.seq).unwrap_or(i64::MAX);
+        match self {
+            ViewUpdate::Task { task_id, data } => {
+                conn.prepare_cached(
+                    "INSERT INTO tasks (tenant, task_id, status, query, progress, seq, updated_at,
+                                        visible_to, visible_role, data)
+                     VALUES (?1, ?2, json_extract(?3, '$.status'), json_extract(?3, '$.query'),
+                             json_extract(?3, '$.progress'), ?4, ?5, ?6, ?7, ?3)
+                     ON CONFLICT (tenant, task_id) DO UPDATE SET
+                        status = excluded.status,
+                        query = coalesce(excluded.query, tasks.query),
+                        progress = coalesce(excluded.progress, tasks.progress),
+                        seq = excluded.seq,
+                        updated_at = excluded.updated_at,
+                        visible_to = excluded.visible_to,
+                        visible_role = excluded.visible_role,
+                        data = excluded.data
+                     WHERE excluded.seq > tasks.seq",
+                )?
+                .execute(params![
+                    message.tenant,
+                    task_id,
+                    data,
+                    seq,
+                    message.ts_ms,
+                    visible_to,
+                    visible_role
+                ])?;
+            }
+            ViewUpdate::AgentUpsert { agent_id, data } => {
+                conn.prepare_cached(
+                    "INSERT INTO agents (tenant, agent_id, name, seq, updated_at,
+                                         visible_to, visible_role, data)
+                     VALUES (?1, ?2, json_extract(?3, '$.name'), ?4, ?5, ?6, ?7, ?3)
+                     ON CONFLICT (tenant, agent_id) DO UPDATE SET
+                        name = coalesce(excluded.name, agents.name),
+                        seq = excluded.seq,
+                        updated_at = excluded.updated_at,
+                        visible_to = excluded.visible_to,
+                        visible_role = excluded.visible_role,
+                        data = excluded.data
+                     WHERE excluded.seq > agents.seq",
+                )?
+                .execute(params![
+                    message.tenant,
+                    agent_id,
+                    data,
+                    seq,
+                    message.ts_ms,
+                    visible_to,
+                    visible_role
+                ])?;
+            }
+            ViewUpdate::AgentDelete { agent_id } => {
+                conn.prepare_cached("DELETE FROM agents WHERE tenant = ?1 AND agent_id = ?2")?
+                    .execute(params![message.tenant, agent_id])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The visibility rule of SPEC §5 as SQL: `?2` is 1 for an admin, `?3` the user.
+const VISIBLE: &str = "(?2 OR ((visible_to IS NULL OR visible_to = ?3) AND visible_role IS NULL))";
+
+impl Store {
+    /// The newest `limit` tasks of the viewer's tenant it may see, newest first.
+    pub async fn tasks(&self, viewer: Viewer, limit: usize) -> Result<Vec<TaskEntry>, StoreError> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT task_id, status, query, progress, seq, updated_at, data FROM tasks
+                 WHERE tenant = ?1 AND {VISIBLE} ORDER BY seq DESC LIMIT ?4"
+            );
+            let mut statement = conn.prepare_cached(&sql)?;
+            let rows = statement.query_map(
+                params![viewer.tenant, viewer.admin, viewer.user, to_limit(limit)],
+                |row| {
+                    Ok(TaskEntry {
+                        task_id: row.get(0)?,
+                        status: row.get(1)?,
+                        query: row.get(2)?,
+                        progress: row.get(3)?,
+                        seq: u64::try_from(row.get::<_, i64>(4)?).unwrap_or(0),
+                        updated_at_ms: row.get(5)?,
+                        data: parse(row.get::<_, String>(6)?),
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// The newest `limit` agents of the viewer's tenant it may see, newest first.
+    pub async fn agents(
+        &self,
+        viewer: Viewer,
+        limit: usize,
+    ) -> Result<Vec<AgentEntry>, StoreError> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT agent_id, name, seq, updated_at, data FROM agents
+                 WHERE tenant = ?1 AND {VISIBLE} ORDER BY seq DESC LIMIT ?4"
+            );
+            let mut statement = conn.prepare_cached(&sql)?;
+            let rows = statement.query_map(
+                params![viewer.tenant, viewer.admin, viewer.user, to_limit(limit)],
+                |row| {
+                    Ok(AgentEntry {
+                        agent_id: row.get(0)?,
+                        name: row.get(1)?,
+                        seq: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                        updated_at_ms: row.get(3)?,
+                        data: parse(row.get::<_, String>(4)?),
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+}
+
+fn to_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Stored `data` is always JSON we wrote; an unreadable one shows as null.
+fn parse(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::TempDir;
+    use super::super::StoredTarget;
+    use super::*;
+    use serde_json::json;
+
+    fn message(seq: u64, target: StoredTarget, kind: &str, data: Value) -> StoredMessage {
+        StoredMessage {
+            tenant: "acme".into(),
+            seq,
+            target,
+            kind: kind.into(),
+            body: "{}".into(),
+            id: format!("id-{seq}"),
+            ts_ms: 1_700_000_000_000 + seq as i64,
+            view: ViewUpdate::of(kind, &data),
+        }
+    }
+
+    fn viewer(user: &str, admin: bool) -> Viewer {
+        Viewer {
+            tenant: "acme".into(),
+            user: user.into(),
+            admin,
+        }
+    }
+
+    #[tokio::test]
+    async fn views_follow_the_log_with_its_visibility() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        store.ensure_log("acme").await.unwrap();
+        let task = |id: &str, status: &str| json!({"task_id": id, "status": status});
+        let messages = [
+            message(
+                1,
+                StoredTarget::Broadcast,
+                "task_update",
+                json!({"task_id": "t1", "status": "queued", "query": "q", "progress": 0}),
+            ),
+            message(
+                2,
+                StoredTarget::User("bob".into()),
+                "task_update",
+                task("t2", "running"),
+            ),
+            message(3, StoredTarget::Admins, "task_update", task("t3", "failed")),
+            message(
+                4,
+                StoredTarget::Broadcast,
+                "task_update",
+                json!({"task_id": "t1", "status": "running", "progress": 50}),
+            ),
+            message(
+                5,
+                StoredTarget::Broadcast,
+                "agent_update",
+                json!({"agent_id": "a1", "action": "registered", "name": "Ann"}),
+            ),
+            message(
+                6,
+                StoredTarget::Broadcast,
+                "agent_update",
+                json!({"agent_id": "a2", "action": "registered"}),
+            ),
+            message(
+                7,
+                StoredTarget::Broadcast,
+                "agent_update",
+                json!({"agent_id": "a1", "action": "updated"}),
+            ),
+            message(
+                8,
+                StoredTarget::Broadcast,
+                "agent_update",
+                json!({"agent_id": "a2", "action": "deleted"}),
+            ),
+            message(
+                9,
+                StoredTarget::Broadcast,
+                "notification",
+                json!({"task_id": "t9"}),
+            ),
+        ];
+        for m in messages {
+            store.append(m, Box::new(|| {})).await.unwrap();
+        }
+        let ids = |tasks: Vec<TaskEntry>| tasks.into_iter().map(|t| t.task_id).collect::<Vec<_>>();
+        let alice = store.tasks(viewer("alice", false), 100).await.unwrap();
+        assert_eq!(alice.len(), 1);
+        let t1 = &alice[0];
+        assert_eq!((t1.status.as_str(), t1.seq), ("running", 4));
+        assert_eq!((t1.query.as_deref(), t1.progress), (Some("q"), Some(50.0)));
+        assert_eq!(
+            ids(store.tasks(viewer("bob", false), 100).await.unwrap()),
+            ["t1", "t2"]
+        );
+        assert_eq!(
+            ids(store.tasks(viewer("root", true), 100).await.unwrap()),
+            ["t1", "t3", "t2"]
+        );
+        assert_eq!(
+            ids(store.tasks(viewer("root", true), 1).await.unwrap()),
+            ["t1"]
+        );
+        let other = Viewer {
+            tenant: "globex".into(),
+            ..viewer("root", true)
+        };
+        assert!(store.tasks(other, 100).await.unwrap().is_empty());
+
+        let agents = store.agents(viewer("alice", false), 100).await.unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(
+            (
+                agents[0].agent_id.as_str(),
+                agents[0].name.as_deref(),
+                agents[0].seq
+            ),
+            ("a1", Some("Ann"), 7)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_message_changes_no_view() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        store.ensure_log("acme").await.unwrap();
+        let data = json!({"task_id": "t1", "status": "queued"});
+        store
+            .append(
+                message(1, StoredTarget::Broadcast, "task_update", data),
+                Box::new(|| {}),
+            )
+            .await
+            .unwrap();
+        let repeat = message(
+            1,
+            StoredTarget::Broadcast,
+            "task_update",
+            json!({"task_id": "t1", "status": "failed"}),
+        );
+        assert!(store.append(repeat, Box::new(|| {})).await.is_err());
+        let tasks = store.tasks(viewer("u", false), 10).await.unwrap();
+        assert_eq!(tasks[0].status, "queued");
+    }
+}
