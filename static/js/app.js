@@ -89,10 +89,7 @@
 
   // ---- REST ------------------------------------------------------------------
 
-  /**
-   * fetch with the stored token; never rejects. Resolves {ok, status, data}.
-   * A 404 from an endpoint this server does not have yet is an ordinary result.
-   */
+  /** fetch with the stored token; never rejects. Resolves {ok, status, data}. */
   function api(path, options) {
     options = options || {};
     var headers = { 'Accept': 'application/json' };
@@ -141,8 +138,19 @@
     this.loading = false;
     this.again = false;
     this.buffer = [];
-    /** null until the first load; false when the endpoint does not exist (404). */
-    this.available = null;
+  }
+
+  /**
+   * A view entry as GET /api/v1/tasks|agents lists it ({task_id, status, seq,
+   * updated_at, …, data: <the message's data>}) in the shape a live message
+   * gives (the data's fields at the top), so rows read one shape. The entry's
+   * own fields win: the server keeps e.g. a task's last known query.
+   */
+  function flatten(entry) {
+    var data = entry.data && typeof entry.data === 'object' && !Array.isArray(entry.data) ? entry.data : {};
+    var flat = Object.assign({}, data, entry);
+    delete flat.data;
+    return flat;
   }
 
   LiveView.prototype.values = function () {
@@ -158,17 +166,18 @@
       var list = result.ok && result.data && Array.isArray(result.data[self.options.listKey])
         ? result.data[self.options.listKey] : null;
       if (list) {
-        self.available = true;
         var fresh = new Map();
         list.forEach(function (entry) {
           var key = entry && entry[self.options.idKey];
-          if (typeof key === 'string' && key) fresh.set(key, entry);
+          if (typeof key !== 'string' || !key) return;
+          var flat = flatten(entry);
+          fresh.set(key, flat);
+          if (self.client && self.options.type === 'task_update') self.client.nameTask(key, flat.query);
         });
         self.items = fresh;
       } else {
-        // No view endpoint (yet): live messages are all we know. Forget their seqs
-        // so a server that restarted with a new log can still update them.
-        self.available = result.status === 404 ? false : self.available;
+        // The view could not be read (server busy or away): live messages are
+        // all we know. Forget their seqs so the next messages still apply.
         self.items.forEach(function (entry) { entry.seq = 0; });
       }
       var buffered = self.buffer;
@@ -202,6 +211,7 @@
   /** Wires a view to the client: live messages, and a reload on every resync. */
   LiveView.prototype.attach = function (client) {
     var self = this;
+    this.client = client;
     client.on(this.options.type, function (msg) { self.apply(msg); });
     client.on('@resync', function () { self.load(); });
     return this;

@@ -45,7 +45,6 @@
       case 0: return 'The server cannot be reached. Try again in a moment.';
       case 401: return 'Wrong username or password.';
       case 403: return mode === 'signup' ? 'Sign-up is turned off on this server.' : (message || 'Not allowed.');
-      case 404: return 'Accounts are not available on this server.';
       case 409: return 'That username is taken.';
       case 429: return 'Too many attempts. Try again in ' + (result.retryAfter || 'a few') + ' seconds.';
       default: return message ? message.charAt(0).toUpperCase() + message.slice(1) : 'Something went wrong (' + result.status + ').';

@@ -544,16 +544,22 @@
     });
   };
 
+  /**
+   * Remembers a task's query, to name it in the "finished" toast: later
+   * updates often carry only the id. Pages that load tasks over REST call it too.
+   */
+  Client.prototype.nameTask = function (taskId, query) {
+    if (typeof taskId !== 'string' || typeof query !== 'string' || !query) return;
+    this.taskNames.delete(taskId);
+    this.taskNames.set(taskId, query);
+    if (this.taskNames.size > 500) this.taskNames.delete(this.taskNames.keys().next().value);
+  };
+
   Client.prototype.builtinNotifications = function (frame, meta) {
     var o = this.options;
     if (!o.notifications) return;
     var data = frame.data || {};
-    if (frame.type === 'task_update' && typeof data.task_id === 'string' && typeof data.query === 'string') {
-      // Later updates often carry only the id: remember the query to name the task.
-      this.taskNames.delete(data.task_id);
-      this.taskNames.set(data.task_id, data.query);
-      if (this.taskNames.size > 500) this.taskNames.delete(this.taskNames.keys().next().value);
-    }
+    if (frame.type === 'task_update') this.nameTask(data.task_id, data.query);
     if (meta.replayed && ++this.replayToasts > 3) return; // a long replay is not a toast storm
     var prefs = loadPrefs();
     if (frame.type === 'system' && prefs.system && typeof data.message === 'string') {

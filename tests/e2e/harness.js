@@ -26,9 +26,6 @@ const ADMIN_PASSWORD = 'e2e-admin-password-' + Math.random().toString(36).slice(
 /** What Chrome logs for a connection to a server that is down, or while offline. */
 const NETWORK_DOWN = /WebSocket connection to '[^']*' failed|net::ERR_(CONNECTION_REFUSED|CONNECTION_RESET|CONNECTION_CLOSED|EMPTY_RESPONSE|INTERNET_DISCONNECTED)/;
 
-/** Endpoints built on other branches; until they exist, the pages get a 404. */
-const PENDING_CANDIDATES = ['/api/v1/tasks', '/api/v1/agents', '/api/v1/analytics', '/api/v1/api-keys', '/api/v1/auth/refresh', '/api/v1/auth/login'];
-
 function freePort() {
   return new Promise((resolve, reject) => {
     const server = net.createServer();
@@ -150,15 +147,11 @@ class Server {
     return result.body;
   }
 
-  /** Which of the other branches' endpoints this server does not have yet. */
-  async pendingEndpoints(adminToken) {
-    const pending = new Set();
-    for (const endpoint of PENDING_CANDIDATES) {
-      const method = endpoint.startsWith('/api/v1/auth/') ? 'POST' : 'GET';
-      const result = await this.request(method, endpoint, adminToken, method === 'POST' ? {} : undefined);
-      if (result.status === 404) pending.add(endpoint);
-    }
-    return pending;
+  /** A real login (POST /api/v1/auth/login): the whole answer, {token, expires_at, expires_in, user}. */
+  async login(username, password) {
+    const result = await this.request('POST', '/api/v1/auth/login', null, { username, password });
+    if (result.status !== 200) throw new Error('login refused: ' + result.status + ' ' + result.text);
+    return result.body;
   }
 }
 
@@ -167,7 +160,7 @@ class Server {
  * uncaught exceptions, CSP violations, requests to anything but 127.0.0.1, and
  * a token in a WebSocket URL all end up in `problems`.
  */
-async function openBrowser(server, pending) {
+async function openBrowser(server) {
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'agentcast-chromium-'));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
@@ -189,8 +182,6 @@ async function openBrowser(server, pending) {
     page.on('console', (msg) => {
       if (msg.type() !== 'error') return;
       const url = msg.location() && msg.location().url ? new URL(msg.location().url) : null;
-      // Chrome logs every 404 fetch; the pages handle a missing endpoint of another branch gracefully.
-      if (url && pending.has(url.pathname) && /status of 404/.test(msg.text())) return;
       // Chrome also logs each failed connection attempt while a test holds the server down.
       if (state.serverDown && NETWORK_DOWN.test(msg.text())) return;
       // A refusal the test provokes on purpose (a wrong password) is logged by Chrome too.
@@ -229,6 +220,10 @@ async function openBrowser(server, pending) {
       await page.goto(server.base + '/login.html');
       await page.evaluate((t) => localStorage.setItem('token', t), token);
       if (urlPath) await page.goto(server.base + urlPath);
+    },
+    /** Lets the page write and the test read the clipboard (the copy button). */
+    async allowClipboard() {
+      await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: server.base });
     },
     async screenshot(name) {
       fs.mkdirSync(SCREENSHOTS, { recursive: true });

@@ -1,12 +1,8 @@
-// Browser tests of the pages and websocket.js (SPEC §7) against a real server.
+// Browser tests of the pages and websocket.js (SPEC §7) against a real server:
+// the real accounts, API keys, views and analytics endpoints, nothing stubbed.
 // Run: `npm test` here (after `cargo build`), or ./scripts/test.sh from the root.
-//
-// Some endpoints the pages use are built on other branches (accounts: /auth/*,
-// /api-keys; views: /tasks, /agents, /analytics). The harness asks the server
-// which of them answer 404, allows only Chrome's own 404 log line for those, and
-// the tests that need them skip with a message saying so (the login test, the
-// real API-key flow) or assert what the page can show without them (the row of a
-// message published while away needs the durable store or the task view).
+// Every endpoint a page uses must answer: a missing one fails a test (Chrome's
+// log of the 404 is a console error), no test skips.
 
 'use strict';
 
@@ -14,11 +10,15 @@ const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { Server, openBrowser, indicator, until, WAIT_MS, ADMIN_PASSWORD } = require('./harness');
 
+/** Waits for the answer to `GET <pathname>` a page is about to ask for. */
+function answerTo(page, pathname) {
+  return page.waitForResponse((r) => new URL(r.url()).pathname === pathname && r.request().method() === 'GET');
+}
+
 const AUTH_PAGES = ['dashboard', 'tasks', 'agents', 'analytics', 'settings', 'api-keys'];
 
 let server;
 let admin;
-let pending;
 /** The current test's browser (see `it`). */
 let browser;
 
@@ -26,10 +26,6 @@ before(async () => {
   server = new Server();
   await server.start();
   admin = server.token('alice', 'admin', ['--name', 'Alice Admin']);
-  pending = await server.pendingEndpoints(admin);
-  if (pending.size) {
-    console.log('# endpoints of other branches not on this server yet: ' + Array.from(pending).join(', '));
-  }
 });
 
 after(async () => {
@@ -45,7 +41,7 @@ const TEST_TIMEOUT_MS = 120000;
  */
 function it(name, fn) {
   test(name, { timeout: TEST_TIMEOUT_MS }, async (t) => {
-    const opened = await openBrowser(server, pending);
+    const opened = await openBrowser(server);
     browser = opened;
     try {
       await fn(t);
@@ -148,38 +144,41 @@ it('an agent appears and disappears live, with notifications', async () => {
   assert.equal(await page.locator('#agents-empty').isVisible(), true);
 });
 
-it('after a server restart the page shows Reconnecting, then Connected, and what it missed', async (t) => {
+it('after a server restart the page shows Reconnecting, then Connected, and what it missed', async () => {
   const { page, context } = browser;
   await browser.login(admin, '/tasks.html');
   await indicator(page, /^Connected$/);
-  const epochBefore = await page.evaluate(() => window.Agentcast.page.client.epoch);
+  const epochBefore = await page.evaluate(() => {
+    window.replays = [];
+    window.Agentcast.page.client.on('@replay', (data) => window.replays.push(data));
+    return window.Agentcast.page.client.epoch;
+  });
 
   browser.serverDown = true;
-  await server.stop();
+  await server.stop(); // SIGTERM: sockets closed with 1012, the log flushed
   await indicator(page, /^Reconnecting… \(attempt \d\/5\)$/);
   // Keep the page away while the server comes back and a message is published.
   await context.setOffline(true);
-  await server.start();
-  await server.broadcast(admin, 'task_update', { task_id: 'e2e-away', status: 'running', query: 'Published while away' });
+  await server.start(); // same port, same DATA_DIR
+  const published = await server.broadcast(admin, 'task_update', { task_id: 'e2e-away', status: 'running', query: 'Published while away', progress: 30 });
   // Offline, the page cannot have reconnected: the message is really missed.
   assert.notEqual(await page.evaluate(() => window.Agentcast.page.client.state), 'connected');
-  const reloads = [];
-  page.on('request', (r) => { if (new URL(r.url()).pathname === '/api/v1/tasks') reloads.push(r.url()); });
+  assert.equal(await page.locator('tr[data-task-id="e2e-away"]').count(), 0);
   await context.setOffline(false); // the `online` event reconnects at once
 
   await indicator(page, /^Connected$/);
   browser.serverDown = false;
-  const epochAfter = await page.evaluate(() => window.Agentcast.page.client.epoch);
+  // The durable log kept its epoch: the resume is complete and the missed
+  // message arrives by replay, not by a reload of the view.
+  assert.equal(await page.evaluate(() => window.Agentcast.page.client.epoch), epochBefore, 'same epoch after the restart');
+  await page.waitForFunction(() => window.replays.length > 0);
+  const replay = (await page.evaluate(() => window.replays))[0];
+  assert.equal(replay.complete, true);
+  assert.ok(replay.count >= 1 && replay.to >= published.seq, 'the replay reaches the message: ' + JSON.stringify(replay));
   const away = page.locator('tr[data-task-id="e2e-away"]');
-  if (epochAfter === epochBefore || !pending.has('/api/v1/tasks')) {
-    // Resumed from a durable log (replay), or reloaded over REST (complete:false).
-    await away.waitFor();
-  } else {
-    // New in-memory log and no task view on this server yet: the page must still
-    // have asked for its view over REST; the row itself needs one of the two.
-    await until(() => reloads.length > 0, 'the page to reload /api/v1/tasks after an incomplete resume');
-    t.diagnostic('the row of the message published while away needs the durable store or GET /api/v1/tasks (other branches); checked only that the page reloaded its view');
-  }
+  await away.waitFor();
+  assert.match(await away.innerText(), /Published while away/);
+  await away.locator('.badge', { hasText: 'running' }).waitFor();
 
   // And live again after the resume.
   await server.broadcast(admin, 'task_update', { task_id: 'e2e-after', status: 'queued', query: 'After the restart' });
@@ -207,23 +206,31 @@ it('the Reconnect button appears after the last attempt and reconnects', async (
   assert.equal(await button.isHidden(), true);
 });
 
-it('the token is refreshed in-band, without reconnecting', async () => {
+it('the token is refreshed in-band with POST /api/v1/auth/refresh, without reconnecting', async () => {
   const { page } = browser;
-  const short = server.token('carol', 'admin', ['--ttl', '10m']);
-  const fresh = server.token('carol', 'admin', ['--ttl', '2h']);
-  await browser.login(short, '/settings.html');
+  // A real session: `agentcast token` tokens are no account, and refresh refuses them.
+  const session = await server.login('admin', ADMIN_PASSWORD);
+  const first = JSON.parse(Buffer.from(session.token.split('.')[1], 'base64url').toString());
+  await browser.login(session.token, '/settings.html');
   await indicator(page, /^Connected$/);
   const connection = await page.evaluate(() => window.Agentcast.page.client.connection.connection_id);
-  // The page would ask POST /api/v1/auth/refresh (accounts branch); hand it the token instead.
-  const exp = await page.evaluate((token) => new Promise((resolve) => {
+  // The server takes only a token that expires later: exp has a one-second grain.
+  await until(() => Math.floor(Date.now() / 1000) > first.iat, 'the clock to pass the first token\'s second');
+  const refreshes = [];
+  page.on('response', (r) => { if (new URL(r.url()).pathname === '/api/v1/auth/refresh') refreshes.push(r.status()); });
+  const exp = await page.evaluate(() => new Promise((resolve, reject) => {
     const client = window.Agentcast.page.client;
-    client.options.refreshToken = () => Promise.resolve(token);
     client.on('@refreshed', (data) => resolve(data.exp));
-    client.refresh();
-  }), fresh);
-  const claims = JSON.parse(Buffer.from(fresh.split('.')[1], 'base64url').toString());
-  assert.equal(exp, claims.exp, 'the server took the fresh token');
-  assert.equal(await page.evaluate(() => localStorage.getItem('token')), fresh);
+    client.on('@error', (data) => reject(new Error(JSON.stringify(data))));
+    client.refresh(); // what the timer does `refreshLeadS` before exp
+  }));
+  assert.deepEqual(refreshes, [200], 'the page asked the real endpoint once');
+  const stored = await page.evaluate(() => localStorage.getItem('token'));
+  assert.notEqual(stored, session.token, 'a fresh token is stored');
+  const claims = JSON.parse(Buffer.from(stored.split('.')[1], 'base64url').toString());
+  assert.equal(exp, claims.exp, 'the connection took the fresh token');
+  assert.ok(claims.exp > first.exp);
+  assert.equal(claims.sub, first.sub);
   assert.equal(await page.evaluate(() => window.Agentcast.page.client.connection.connection_id), connection, 'same connection');
 });
 
@@ -252,23 +259,45 @@ it('a missing pong is a dead link: the page reconnects and resumes', async () =>
   await page.locator('tr[data-task-id="e2e-after-dead-link"]').waitFor();
 });
 
-it('a user who is not admin sees no admin controls', async () => {
+it('a user who signs up sees no admin controls, and the server refuses them', async () => {
   const { page } = browser;
-  const user = server.token('bob', 'user');
-  await browser.login(user, '/settings.html');
+  const username = 'bob-' + Math.random().toString(36).slice(2, 8);
+  await page.goto(server.base + '/signup.html');
+  await page.getByLabel('Username').fill(username);
+  await page.getByLabel('Password').fill('a long enough password');
+  await page.getByRole('button', { name: 'Create an account' }).click();
+  await page.waitForURL(/\/dashboard\.html$/);
+  await indicator(page, /^Connected$/);
+  assert.match(await page.locator('#current-user').innerText(), new RegExp(username));
+  assert.match(await page.locator('#current-user .user__role').innerText(), /^user$/);
+  assert.equal(await page.locator('nav a[href="/api-keys.html"]').count(), 0, 'no API keys link');
+
+  await page.goto(server.base + '/settings.html');
   await indicator(page, /^Connected$/);
   assert.equal(await page.locator('#broadcast-form').count(), 0, 'no broadcast form');
   assert.equal(await page.locator('#prefs-form').count(), 1, 'preferences are for everyone');
-  assert.equal(await page.locator('nav a[href="/api-keys.html"]').count(), 0, 'no API keys link');
   await page.goto(server.base + '/api-keys.html');
   await indicator(page, /^Connected$/);
   assert.equal(await page.locator('#key-form').count(), 0, 'no key form');
   assert.equal(await page.locator('#keys-body').count(), 0, 'no key list');
   await page.getByText("API keys are managed by your tenant's admins.").waitFor();
   await browser.screenshot('api-keys-user');
-  // And the server refuses them anyway.
-  const refused = await server.request('POST', '/api/v1/ws/broadcast', user, { type: 'system', data: { message: 'x' } });
-  assert.equal(refused.status, 403);
+
+  // And the server refuses them anyway, with the page's own token.
+  const token = await page.evaluate(() => localStorage.getItem('token'));
+  const me = await server.request('GET', '/api/v1/auth/me', token);
+  assert.equal(me.status, 200);
+  assert.deepEqual([me.body.user.username, me.body.user.role, me.body.user.tenant], [username, 'user', 'default']);
+  for (const [method, path, body] of [
+    ['POST', '/api/v1/ws/broadcast', { type: 'system', data: { message: 'x' } }],
+    ['POST', '/api/v1/ws/user/alice', { type: 'system', data: { message: 'x' } }],
+    ['GET', '/api/v1/api-keys'],
+    ['POST', '/api/v1/api-keys', { name: 'sneaky' }]
+  ]) {
+    const refused = await server.request(method, path, token, body);
+    assert.equal(refused.status, 403, method + ' ' + path);
+    assert.equal(refused.body.error.code, 'forbidden', method + ' ' + path);
+  }
 });
 
 it('notification preferences are kept and respected', async () => {
@@ -314,153 +343,234 @@ it('the login form checks its fields and explains a refusal', async () => {
   await page.getByLabel('Username').fill('nobody');
   await page.getByLabel('Password').fill('not-the-password');
   await page.getByRole('button', { name: 'Log in' }).click();
-  // 401 with the accounts endpoints, 404 without them: either way a sentence, no token.
-  await page.locator('#auth-status.is-error', { hasText: /Wrong username or password|not available on this server/ }).waitFor();
+  await page.locator('#auth-status.is-error', { hasText: 'Wrong username or password.' }).waitFor();
   assert.equal(await page.evaluate(() => localStorage.getItem('token')), null);
   assert.match(page.url(), /\/login\.html$/);
 });
 
-it('the login form logs in and opens the dashboard (needs the accounts endpoints)', async (t) => {
-  const probe = await server.request('POST', '/api/v1/auth/login', null, { username: 'nobody', password: 'x' });
-  if (probe.status === 404) {
-    t.skip('POST /api/v1/auth/login is not on this server yet (accounts branch)');
-    return;
-  }
+it('the login form logs in as the admin (ADMIN_PASSWORD) and opens the dashboard', async () => {
   const { page } = browser;
   browser.expectRefusal('/api/v1/auth/login', 401);
   await page.goto(server.base + '/login.html');
   await page.getByLabel('Username').fill('admin');
   await page.getByLabel('Password').fill('wrong-password');
   await page.getByRole('button', { name: 'Log in' }).click();
-  await page.locator('#auth-status.is-error').waitFor();
+  await page.locator('#auth-status.is-error', { hasText: 'Wrong username or password.' }).waitFor();
   await page.getByLabel('Password').fill(ADMIN_PASSWORD);
   await page.getByRole('button', { name: 'Log in' }).click();
   await page.waitForURL(/\/dashboard\.html$/);
   await indicator(page, /^Connected$/);
-  assert.ok(await page.evaluate(() => !!localStorage.getItem('token')));
+  assert.match(await page.locator('#current-user').innerText(), /admin/);
+  assert.equal(await page.locator('nav a[href="/api-keys.html"]').count(), 1, 'an admin sees the API keys link');
+  const token = await page.evaluate(() => localStorage.getItem('token'));
+  const me = await server.request('GET', '/api/v1/auth/me', token);
+  assert.deepEqual([me.status, me.body.user.username, me.body.user.role], [200, 'admin', 'admin']);
 });
 
-it('an admin creates an API key, sees it once, and revokes it (needs the api-keys endpoints)', async (t) => {
-  if (pending.has('/api/v1/api-keys')) {
-    t.skip('/api/v1/api-keys is not on this server yet (accounts branch)');
-    return;
-  }
+it('an admin creates an API key (shown once, copied), lists it, publishes with it, revokes it, and sees the alerts', async () => {
   const { page } = browser;
+  await browser.allowClipboard();
   await browser.login(admin, '/api-keys.html');
   await indicator(page, /^Connected$/);
+  const listed = answerTo(page, '/api/v1/api-keys');
   await page.getByLabel('Name', { exact: true }).fill('e2e-publisher');
   await page.getByRole('button', { name: 'Create key' }).click();
   await page.locator('#key-secret').waitFor();
-  assert.match(await page.locator('#key-value').inputValue(), /^ak_[0-9A-Za-z]{32,}$/);
+  await page.locator('#key-warning', { hasText: 'it will not be shown again' }).waitFor();
+  const key = await page.locator('#key-value').inputValue();
+  assert.match(key, /^ak_[0-9A-Za-z]{32,}$/);
+
+  // The copy button puts the key on the clipboard.
+  await page.getByRole('button', { name: 'Copy' }).click();
+  await page.getByRole('button', { name: 'Copied' }).waitFor();
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()), key);
+
+  // Listed by name and prefix, never the key.
+  assert.equal((await listed).status(), 200);
   const row = page.locator('#keys-body tr', { hasText: 'e2e-publisher' });
   await row.waitFor();
-  // SPEC §2: creating a key warns the tenant's admins (the security alerts feed).
-  await page.locator('#alerts li', { hasText: /e2e-publisher|key/i }).first().waitFor();
-  await row.getByRole('button', { name: /Revoke/ }).click();
-  await row.getByRole('button', { name: /^Confirm: revoke/ }).click();
-  await row.waitFor({ state: 'detached' });
-  // Shown once: after a reload the key itself is nowhere on the page.
-  const key = await page.locator('#key-value').inputValue();
-  await page.reload();
-  await indicator(page, /^Connected$/);
-  assert.equal((await page.content()).includes(key), false);
-});
+  const prefix = (await server.request('GET', '/api/v1/api-keys', admin)).body.api_keys.find((k) => k.name === 'e2e-publisher').prefix;
+  assert.ok(key.startsWith(prefix));
+  assert.match(await row.innerText(), new RegExp(prefix));
+  assert.equal((await row.innerText()).includes(key), false, 'the list shows the prefix only');
+  assert.match(await row.innerText(), /never/, 'not used yet');
 
-it('the api-keys page flow against SPEC §2 shaped answers (stubbed in the browser)', async () => {
-  // Until the accounts branch lands, the browser answers /api/v1/api-keys itself,
-  // with the shapes of SPEC §2, so the page's create/list/revoke logic is tested now.
-  const { page } = browser;
-  const keys = [];
-  await page.route('**/api/v1/api-keys**', async (route) => {
-    const request = route.request();
-    const auth = request.headers().authorization || '';
-    assert.equal(auth, 'Bearer ' + admin, 'the stored token is sent');
-    const json = (status, body) => route.fulfill({ status, contentType: 'application/json', body: JSON.stringify(body) });
-    if (request.method() === 'POST') {
-      const { name } = request.postDataJSON();
-      const key = { id: 'k' + (keys.length + 1), name, prefix: 'ak_Ab12', created_at: new Date().toISOString(), last_used_at: null };
-      keys.push(key);
-      return json(201, Object.assign({ key: 'ak_' + 'Ab12'.repeat(8) }, key));
-    }
-    if (request.method() === 'DELETE') {
-      const id = new URL(request.url()).pathname.split('/').pop();
-      keys.splice(keys.findIndex((k) => k.id === id), 1);
-      return route.fulfill({ status: 204 });
-    }
-    return json(200, { api_keys: keys });
+  // SPEC §2: creating a key warns the tenant's admins (the security alerts feed).
+  await page.locator('#alerts li', { hasText: 'API key "e2e-publisher"' }).filter({ hasText: 'was created by Alice Admin' }).waitFor();
+  await page.locator('#notifications .toast--warning', { hasText: 'e2e-publisher' }).first().waitFor();
+
+  // The key publishes (a backend would do this), and only until it is revoked.
+  const published = await fetch(server.base + '/api/v1/ws/broadcast', {
+    method: 'POST', headers: { Authorization: 'Bearer ' + key, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ type: 'notification', data: { text: 'from the key' } })
   });
-  await browser.login(admin, '/api-keys.html');
-  await indicator(page, /^Connected$/);
-  await page.getByLabel('Name', { exact: true }).fill('ci-publisher');
-  await page.getByRole('button', { name: 'Create key' }).click();
-  await page.locator('#key-secret').waitFor();
-  assert.equal(await page.locator('#key-value').inputValue(), 'ak_' + 'Ab12'.repeat(8));
-  const row = page.locator('#keys-body tr', { hasText: 'ci-publisher' });
-  await row.waitFor();
-  assert.doesNotMatch(await row.innerText(), /Ab12Ab12/, 'the list shows the prefix only');
-  await browser.screenshot('api-keys-created');
+  assert.equal(published.status, 202);
+
   await row.getByRole('button', { name: /^Revoke/ }).click();
   await row.getByRole('button', { name: /^Confirm: revoke/ }).click();
   await row.waitFor({ state: 'detached' });
-  await page.locator('#keys-empty', { hasText: 'No keys yet.' }).waitFor();
+  await page.locator('#alerts li', { hasText: 'was revoked by Alice Admin' }).waitFor();
+  const refused = await fetch(server.base + '/api/v1/ws/broadcast', {
+    method: 'POST', headers: { Authorization: 'Bearer ' + key, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ type: 'notification', data: { text: 'after revoke' } })
+  });
+  assert.equal(refused.status, 401);
+
+  // Shown once: after a reload the key itself is nowhere on the page; the alerts stay.
+  await page.reload();
+  await indicator(page, /^Connected$/);
+  await page.locator('#alerts li', { hasText: 'was revoked by Alice Admin' }).waitFor();
+  assert.equal((await page.content()).includes(key), false);
+  assert.equal(await page.locator('#key-secret').isHidden(), true);
+});
+
+it('the tasks page loads existing tasks over REST, then applies live updates in place', async () => {
+  const { page } = browser;
+  await server.broadcast(admin, 'task_update', { task_id: 'rest-task-1', status: 'running', query: 'Loaded from the view', progress: 55 });
+  await server.broadcast(admin, 'task_update', { task_id: 'rest-task-2', status: 'queued', query: 'Second one' });
+  const view = (await server.request('GET', '/api/v1/tasks', admin)).body.tasks.find((t) => t.task_id === 'rest-task-1');
+  await browser.login(admin);
+  const loaded = answerTo(page, '/api/v1/tasks');
+  await page.goto(server.base + '/tasks.html');
+  assert.equal((await loaded).status(), 200);
+  const row = page.locator('tr[data-task-id="rest-task-1"]');
+  await row.waitFor();
+  assert.match(await row.innerText(), /Loaded from the view/);
+  await row.locator('.badge', { hasText: 'running' }).waitFor();
+  assert.equal(await row.locator('progress').evaluate((p) => p.value), 55);
+  assert.match(await row.locator('.task-updated time').getAttribute('datetime'), new RegExp('^' + view.updated_at.slice(0, 19)));
+  await page.locator('tr[data-task-id="rest-task-2"] .badge', { hasText: 'queued' }).waitFor();
+  await indicator(page, /^Connected$/);
+
+  // A live update (higher seq) changes the row in place; the query the view knew stays.
+  await server.broadcast(admin, 'task_update', { task_id: 'rest-task-1', status: 'completed', progress: 100 });
+  await row.locator('.badge', { hasText: 'completed' }).waitFor();
+  assert.equal(await row.locator('progress').evaluate((p) => p.value), 100);
+  assert.match(await row.innerText(), /Loaded from the view/);
+  assert.equal(await page.locator('tr[data-task-id="rest-task-1"]').count(), 1);
+  await page.locator('#notifications .toast--success', { hasText: 'Loaded from the view' }).waitFor();
+});
+
+it('the agents page loads existing agents over REST, then adds and removes them live', async () => {
+  const { page } = browser;
+  await server.broadcast(admin, 'agent_update', { agent_id: 'rest-agent-1', action: 'registered', name: 'Indexer', model: 'small' });
+  await server.broadcast(admin, 'agent_update', { agent_id: 'rest-agent-1', action: 'updated', name: 'Indexer v2', model: 'large' });
+  await server.broadcast(admin, 'agent_update', { agent_id: 'rest-agent-gone', action: 'registered', name: 'Gone' });
+  await server.broadcast(admin, 'agent_update', { agent_id: 'rest-agent-gone', action: 'deleted' });
+  await browser.login(admin);
+  const loaded = answerTo(page, '/api/v1/agents');
+  await page.goto(server.base + '/agents.html');
+  assert.equal((await loaded).status(), 200);
+  const row = page.locator('tr[data-agent-id="rest-agent-1"]');
+  await row.waitFor();
+  await row.locator('.agent-name', { hasText: 'Indexer v2' }).waitFor();
+  await row.locator('.badge', { hasText: 'updated' }).waitFor();
+  assert.match(await row.locator('.agent-details').innerText(), /model: large/);
+  assert.doesNotMatch(await row.locator('.agent-details').innerText(), /data:|seq:/, 'the view entry is shown like a live one');
+  assert.equal(await page.locator('tr[data-agent-id="rest-agent-gone"]').count(), 0, 'a deleted agent is not in the view');
+  await indicator(page, /^Connected$/);
+
+  await server.broadcast(admin, 'agent_update', { agent_id: 'rest-agent-2', action: 'registered', name: 'Planner' });
+  await page.locator('tr[data-agent-id="rest-agent-2"]').waitFor();
+  await server.broadcast(admin, 'agent_update', { agent_id: 'rest-agent-1', action: 'deleted' });
+  await row.waitFor({ state: 'detached' });
+  await page.locator('#notifications .toast', { hasText: 'Indexer v2 was removed' }).waitFor();
+});
+
+it('the analytics page draws the last hour from GET /api/v1/analytics, then live', async () => {
+  const { page } = browser;
+  for (let i = 0; i < 3; i++) await server.broadcast(admin, 'deploy_event', { n: i });
+  const hour = (await server.request('GET', '/api/v1/analytics', admin)).body;
+  const total = hour.minutes.reduce((n, m) => n + m.messages_total, 0);
+  await browser.login(admin);
+  const loaded = answerTo(page, '/api/v1/analytics');
+  await page.goto(server.base + '/analytics.html');
+  assert.equal((await loaded).status(), 200);
+  await indicator(page, /^Connected$/);
+  // Counted by the server before this page opened: only the REST load can know it.
+  await page.locator('#hour-summary', { hasText: /Last hour: \d+ messages? published/ }).waitFor();
+  const shown = Number((await page.locator('#hour-summary').innerText()).match(/Last hour: (\d+)/)[1]);
+  assert.ok(shown >= total, shown + ' >= ' + total);
+  await page.locator('#chart-hour .u-legend', { hasText: 'deploy_event' }).waitFor();
+  assert.equal(await page.locator('#chart-rate .u-legend', { hasText: 'deploy_event' }).count(), 0, 'not from live messages');
+  assert.equal(await page.locator('#hour-note').innerText(), '');
+
+  // Live: a new type gets a series on both charts.
+  await server.broadcast(admin, 'live_probe', { ok: true });
+  await page.locator('#chart-rate .u-legend', { hasText: 'live_probe' }).waitFor();
+  await page.locator('#chart-hour .u-legend', { hasText: 'live_probe' }).waitFor();
 });
 
 it('screenshots of every page, with live data', async () => {
   const { page } = browser;
-  await browser.login(admin, '/dashboard.html');
+  // A tenant of its own, so the pictures show this data and not the other tests'.
+  const ops = server.token('dana', 'admin', ['--name', 'Dana Ops', '--tenant', 'acme']);
+  const tasks = [
+    ['task-1001', 'queued', 0, 'Index new documents'],
+    ['task-1002', 'running', 35, 'Summarise incident #42'],
+    ['task-1003', 'running', 80, 'Crawl docs site'],
+    ['task-1004', 'completed', 100, 'Nightly report'],
+    ['task-1005', 'failed', 60, 'Resize images']
+  ];
+  // Some state exists before any page opens: the pages load it over REST.
+  for (const [id, status, progress, query] of tasks.slice(0, 3)) {
+    await server.broadcast(ops, 'task_update', { task_id: id, status, progress, query });
+  }
+  await server.broadcast(ops, 'agent_update', { agent_id: 'agent-7', action: 'registered', name: 'Research agent', model: 'small', region: 'eu' });
+  await server.request('POST', '/api/v1/api-keys', ops, { name: 'billing-backend' });
+
+  await browser.login(ops, '/dashboard.html');
   await indicator(page, /^Connected$/);
-  const statuses = [['queued', 0], ['running', 35], ['running', 80], ['completed', 100], ['failed', 60]];
-  for (let i = 0; i < statuses.length; i++) {
-    await server.broadcast(admin, 'task_update', {
-      task_id: 'task-' + (1001 + i), status: statuses[i][0], progress: statuses[i][1],
-      query: ['Index new documents', 'Summarise incident #42', 'Crawl docs site', 'Nightly report', 'Resize images'][i]
-    });
+  // The rest arrives live.
+  for (const [id, status, progress, query] of tasks.slice(3)) {
+    await server.broadcast(ops, 'task_update', { task_id: id, status, progress, query });
   }
-  for (const [id, name] of [['agent-7', 'Research agent'], ['agent-9', 'Billing agent']]) {
-    await server.broadcast(admin, 'agent_update', { agent_id: id, action: 'registered', name, model: 'small', region: 'eu' });
-  }
-  await server.broadcast(admin, 'system', { message: 'API key "ci-publisher" created', level: 'warning' });
-  await server.broadcast(admin, 'custom_event', { build: 812, ok: true });
+  await server.broadcast(ops, 'agent_update', { agent_id: 'agent-9', action: 'registered', name: 'Billing agent', model: 'large', region: 'us' });
+  const created = await server.request('POST', '/api/v1/api-keys', ops, { name: 'ci-publisher' });
+  assert.equal(created.status, 201);
+  await server.broadcast(ops, 'system', { message: 'Maintenance window tonight at 22:00 UTC', level: 'info' });
+  await server.broadcast(ops, 'custom_event', { build: 812, ok: true });
   await page.locator('#feed li[data-type="custom_event"]').waitFor();
   await until(async () => (await page.locator('#stat-tasks').innerText()) === '5', 'five tasks counted');
+  await until(async () => (await page.locator('#stat-agents').innerText()) === '2', 'two agents counted');
+  await page.evaluate(() => document.querySelectorAll('#notifications .toast').forEach((t) => t.remove()));
   await browser.screenshot('dashboard');
 
   for (const name of AUTH_PAGES.slice(1)) {
     await page.goto(server.base + '/' + name + '.html');
     await indicator(page, /^Connected$/);
-    if (name === 'tasks' || name === 'agents') {
-      // Without the view endpoints (other branches) the page starts empty: publish again.
-      if (pending.has('/api/v1/' + name)) {
-        if (name === 'tasks') {
-          for (let i = 0; i < statuses.length; i++) {
-            await server.broadcast(admin, 'task_update', { task_id: 'task-' + (1001 + i), status: statuses[i][0], progress: statuses[i][1], query: ['Index new documents', 'Summarise incident #42', 'Crawl docs site', 'Nightly report', 'Resize images'][i] });
-          }
-        } else {
-          for (const [id, agent] of [['agent-7', 'Research agent'], ['agent-9', 'Billing agent']]) {
-            await server.broadcast(admin, 'agent_update', { agent_id: id, action: 'registered', name: agent, model: 'small', region: 'eu' });
-          }
-        }
-      }
-      await page.locator(name === 'tasks' ? 'tr[data-task-id="task-1005"]' : 'tr[data-agent-id="agent-9"]').waitFor();
-      // Let the row highlight fade before the picture.
-      await page.waitForFunction(() => !document.querySelector('tr.flash') ||
-        document.getAnimations().every((a) => a.playState !== 'running'), null, { timeout: WAIT_MS });
-    }
+    if (name === 'tasks') await page.locator('tr[data-task-id="task-1005"]').waitFor();
+    if (name === 'agents') await page.locator('tr[data-agent-id="agent-9"]').waitFor();
     if (name === 'analytics') {
+      await page.locator('#hour-summary', { hasText: 'Last hour:' }).waitFor();
       await page.evaluate(() => { window.seen = 0; window.Agentcast.page.client.on('*', () => { window.seen++; }); });
-      for (let i = 0; i < 6; i++) await server.broadcast(admin, i % 2 ? 'task_update' : 'notification', i % 2 ? { task_id: 'task-1001', status: 'running', progress: 10 * i } : { text: 'hello ' + i });
+      for (let i = 0; i < 6; i++) await server.broadcast(ops, i % 2 ? 'task_update' : 'notification', i % 2 ? { task_id: 'task-1002', status: 'running', progress: 35 + 5 * i } : { text: 'hello ' + i });
       await page.waitForFunction(() => window.seen >= 6);
       await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
     }
     if (name === 'settings') await page.locator('#system-list li').first().waitFor();
+    if (name === 'api-keys') {
+      await page.locator('#keys-body tr', { hasText: 'ci-publisher' }).waitFor();
+      await page.locator('#alerts li', { hasText: 'ci-publisher' }).waitFor();
+      await page.getByLabel('Name', { exact: true }).fill('deploy-bot');
+      await page.getByRole('button', { name: 'Create key' }).click();
+      await page.locator('#keys-body tr', { hasText: 'deploy-bot' }).waitFor();
+      await page.locator('#alerts li', { hasText: 'deploy-bot' }).waitFor();
+    }
+    // Let row highlights fade and drop the toasts before the picture.
+    await page.waitForFunction(() => document.getAnimations().every((a) => a.playState !== 'running'), null, { timeout: WAIT_MS });
     await page.evaluate(() => document.querySelectorAll('#notifications .toast').forEach((t) => t.remove()));
     await browser.screenshot(name);
   }
 
   await page.setViewportSize({ width: 390, height: 844 });
-  await page.goto(server.base + '/dashboard.html');
-  await indicator(page, /^Connected$/);
-  await browser.screenshot('dashboard-mobile');
+  for (const name of ['dashboard', 'tasks']) {
+    await page.goto(server.base + '/' + name + '.html');
+    await indicator(page, /^Connected$/);
+    if (name === 'tasks') await page.locator('tr[data-task-id="task-1005"]').waitFor();
+    else await until(async () => (await page.locator('#stat-tasks').innerText()) === '5', 'five tasks counted');
+    await browser.screenshot(name + '-mobile');
+  }
   await page.setViewportSize({ width: 1280, height: 800 });
 
   for (const name of ['index', 'login', 'signup']) {

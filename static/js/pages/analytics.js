@@ -1,7 +1,8 @@
 /* Analytics: live charts drawn with the vendored uPlot (MIT, static/vendor/).
    - messages/s by type over the last two minutes, counted from the WebSocket;
    - open connections over the last ten minutes, from /api/v1/ws/stats;
-   - the last hour per minute from GET /api/v1/analytics, extended live. */
+   - the last hour per minute from GET /api/v1/analytics (messages by type and
+     connections opened), extended live and reloaded every minute. */
 (function (global) {
   'use strict';
   var page = global.Agentcast && global.Agentcast.page;
@@ -13,6 +14,7 @@
   var RATE_SECONDS = 120;
   var CONN_POINTS = 120;
   var STATS_EVERY_MS = 5000;
+  var HOUR_EVERY_MS = 60000;
   var AXIS = { stroke: '#9aa6bf', grid: { stroke: '#26344f', width: 1 }, ticks: { stroke: '#26344f' } };
 
   function now() { return Math.floor(Date.now() / 1000); }
@@ -119,64 +121,56 @@
   }
 
   // ---- the last hour -----------------------------------------------------------------
-  var hourChart = makeChart($('chart-hour'), [line('connections', 6, 'conn', true)], {
+  var hourChart = makeChart($('chart-hour'), [line('connections opened', 6, 'conn', true)], {
     scales: { x: { time: true, range: lastSeconds(3600) }, y: { range: fromZero }, conn: { range: fromZero } },
     axes: [
       Object.assign({ values: clock(false) }, AXIS),
       Object.assign({ label: 'messages / min' }, AXIS),
-      Object.assign({ side: 1, scale: 'conn', label: 'connections' }, AXIS, { grid: { show: false } })
+      Object.assign({ side: 1, scale: 'conn', label: 'connections opened' }, AXIS, { grid: { show: false } })
     ]
   }, 3600, false);
   var hourSlots = new TypeSlots(hourChart, 2, function () { drawHour(); });
-  // minute (unix s) -> { counts: [per hour slot], connections: n|null }
+  // minute (unix s) -> { counts: [per hour slot], connections: opened that minute }
   var minutes = new Map();
 
-  function numberOf(value) {
-    if (typeof value === 'number') return value;
-    if (value && typeof value === 'object') {
-      var keys = ['peak', 'current', 'max', 'open', 'opened'];
-      for (var i = 0; i < keys.length; i++) if (typeof value[keys[i]] === 'number') return value[keys[i]];
-    }
-    return null;
-  }
-
-  function secondsOf(t) {
-    if (typeof t === 'number') return t > 1e12 ? Math.floor(t / 1000) : t;
-    var parsed = Date.parse(t);
-    return isNaN(parsed) ? null : Math.floor(parsed / 1000);
-  }
-
-  /** Reads the per-minute buckets whatever the exact field names (see SPEC §3). */
+  /**
+   * GET /api/v1/analytics: {tenant, minutes: [{minute (RFC 3339), messages:
+   * {type: n}, messages_total, deliveries, connections, peak_connections}]},
+   * oldest first. The server's counts replace what this page counted live.
+   */
   function loadHour() {
     page.api('/api/v1/analytics').then(function (result) {
-      var data = result.ok ? result.data : null;
-      var list = Array.isArray(data) ? data : data && (data.buckets || data.minutes || data.analytics);
-      if (!Array.isArray(list)) {
-        $('hour-note').textContent = result.status === 404
-          ? 'History is not available on this server yet; showing what arrives from now on.'
-          : 'History could not be loaded; showing what arrives from now on.';
+      var list = result.ok && result.data && Array.isArray(result.data.minutes) ? result.data.minutes : null;
+      if (!list) {
+        $('hour-note').textContent = 'History could not be loaded (' + page.errorText(result) + '); showing what arrives from now on.';
         return;
       }
       $('hour-note').textContent = '';
+      var totals = { messages: 0, deliveries: 0, connections: 0 };
       list.forEach(function (bucket) {
-        if (!bucket || typeof bucket !== 'object') return;
-        var t = secondsOf(bucket.minute !== undefined ? bucket.minute : bucket.ts !== undefined ? bucket.ts : bucket.start !== undefined ? bucket.start : bucket.t);
-        if (t === null) return;
+        var t = bucket && Date.parse(bucket.minute);
+        if (!t) return;
+        t = Math.floor(t / 1000);
         t -= t % 60;
-        var byType = bucket.messages_by_type || bucket.by_type ||
-          (bucket.messages && typeof bucket.messages === 'object' ? bucket.messages : null) || {};
-        var entry = { counts: [], connections: numberOf(bucket.connections !== undefined ? bucket.connections : bucket.current_connections) };
+        var entry = { counts: [], connections: typeof bucket.connections === 'number' ? bucket.connections : 0 };
+        var byType = bucket.messages && typeof bucket.messages === 'object' ? bucket.messages : {};
         Object.keys(byType).forEach(function (type) {
-          if (typeof byType[type] === 'number') {
-            var slot = hourSlots.slot(type);
-            entry.counts[slot] = (entry.counts[slot] || 0) + byType[type];
-          }
+          if (typeof byType[type] !== 'number' || byType[type] <= 0) return;
+          var slot = hourSlots.slot(type);
+          entry.counts[slot] = (entry.counts[slot] || 0) + byType[type];
         });
+        totals.messages += typeof bucket.messages_total === 'number' ? bucket.messages_total : 0;
+        totals.deliveries += typeof bucket.deliveries === 'number' ? bucket.deliveries : 0;
+        totals.connections += entry.connections;
         minutes.set(t, entry);
       });
+      $('hour-summary').textContent = 'Last hour: ' + plural(totals.messages, 'message') + ' published, ' +
+        plural(totals.deliveries, 'delivery', 'deliveries') + ', ' + plural(totals.connections, 'connection') + ' opened.';
       drawHour();
     });
   }
+
+  function plural(n, one, many) { return n + ' ' + (n === 1 ? one : many || one + 's'); }
 
   function drawHour() {
     var end = now() - (now() % 60);
@@ -186,7 +180,7 @@
     for (var m = end - 59 * 60; m <= end; m += 60) {
       var entry = minutes.get(m);
       xs.push(m);
-      conns.push(entry && entry.connections !== null ? entry.connections : null);
+      conns.push(entry ? entry.connections : 0);
       for (var k = 0; k < ys.length; k++) ys[k].push(entry ? entry.counts[k] || 0 : 0);
     }
     minutes.forEach(function (_, minute) { if (minute < end - 59 * 60) minutes.delete(minute); });
@@ -201,7 +195,7 @@
     counts[slot] = (counts[slot] || 0) + 1;
     perSecond.set(second, counts);
     var minute = second - (second % 60);
-    var entry = minutes.get(minute) || { counts: [], connections: null };
+    var entry = minutes.get(minute) || { counts: [], connections: 0 };
     var hourSlot = hourSlots.slot(msg.type);
     entry.counts[hourSlot] = (entry.counts[hourSlot] || 0) + 1;
     minutes.set(minute, entry);
@@ -228,13 +222,6 @@
   global.setInterval(drawRate, 1000);
   global.setInterval(loadStats, STATS_EVERY_MS);
   global.setInterval(function () {
-    // The current minute's connection count comes from the live stats.
-    if (connYs.length) {
-      var minute = now() - (now() % 60);
-      var entry = minutes.get(minute) || { counts: [], connections: null };
-      entry.connections = connYs[connYs.length - 1];
-      minutes.set(minute, entry);
-    }
-    drawHour();
-  }, 5000);
+    if (document.visibilityState !== 'hidden') loadHour();
+  }, HOUR_EVERY_MS);
 })(window);

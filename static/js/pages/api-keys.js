@@ -32,18 +32,13 @@
     var d = typeof value === 'number' ? new Date(value < 1e12 ? value * 1000 : value) : new Date(value);
     return isNaN(d.getTime()) ? String(value) : d.toLocaleString();
   }
-  function keysOf(data) {
-    if (Array.isArray(data)) return data;
-    if (data && Array.isArray(data.api_keys)) return data.api_keys;
-    if (data && Array.isArray(data.keys)) return data.keys;
-    return null;
-  }
   function loadKeys() {
     return page.api('/api/v1/api-keys').then(function (result) {
-      var keys = result.ok ? keysOf(result.data) : null;
+      // {api_keys: [{id, name, prefix, created_at, last_used_at}]}: never a secret.
+      var keys = result.ok && result.data && Array.isArray(result.data.api_keys) ? result.data.api_keys : null;
       page.clear(body);
       if (!keys) {
-        empty.textContent = result.status === 404 ? 'API keys are not available on this server yet.' : 'Keys could not be loaded: ' + page.errorText(result) + '.';
+        empty.textContent = 'Keys could not be loaded: ' + page.errorText(result) + '.';
         empty.hidden = false;
         return;
       }
