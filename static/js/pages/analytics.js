@@ -121,7 +121,7 @@
   }
 
   // ---- the last hour -----------------------------------------------------------------
-  var hourChart = makeChart($('chart-hour'), [line('connections opened', 6, 'conn', true)], {
+  var hourChart = makeChart($('chart-hour'), [line('connections opened', 6, 'conn')], {
     scales: { x: { time: true, range: lastSeconds(3600) }, y: { range: fromZero }, conn: { range: fromZero } },
     axes: [
       Object.assign({ values: clock(false) }, AXIS),
@@ -164,10 +164,18 @@
         totals.connections += entry.connections;
         minutes.set(t, entry);
       });
-      $('hour-summary').textContent = 'Last hour: ' + plural(totals.messages, 'message') + ' published, ' +
-        plural(totals.deliveries, 'delivery', 'deliveries') + ', ' + plural(totals.connections, 'connection') + ' opened.';
+      hourTotals = totals;
+      drawSummary();
       drawHour();
     });
+  }
+
+  /** The server's totals at the last load, plus the messages seen live since. */
+  var hourTotals = null;
+  function drawSummary() {
+    if (!hourTotals) return;
+    $('hour-summary').textContent = 'Last hour: ' + plural(hourTotals.messages, 'message') + ' published, ' +
+      plural(hourTotals.deliveries, 'delivery', 'deliveries') + ', ' + plural(hourTotals.connections, 'connection') + ' opened.';
   }
 
   function plural(n, one, many) { return n + ' ' + (n === 1 ? one : many || one + 's'); }
@@ -199,6 +207,7 @@
     var hourSlot = hourSlots.slot(msg.type);
     entry.counts[hourSlot] = (entry.counts[hourSlot] || 0) + 1;
     minutes.set(minute, entry);
+    if (hourTotals) hourTotals.messages++;
     scheduleDraw();
   });
 
@@ -211,6 +220,7 @@
       drawPending = false;
       drawRate();
       drawHour();
+      drawSummary();
     });
   }
   page.client.on('@connected', loadStats);
