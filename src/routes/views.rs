@@ -1,5 +1,6 @@
 //! The views (SPEC §3, §5): tasks, agents and per-minute analytics of the
-//! caller's tenant. Any valid JWT of the tenant may read them; a user sees
+//! caller's tenant. Any valid JWT of the tenant may read them (an API key gets
+//! 403: keys only publish); a user sees
 //! the entries set by broadcasts and by messages to them, an admin all of
 //! the tenant's. Nothing crosses tenants: the tenant comes from the token.
 
@@ -10,8 +11,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use warp::{Filter, Rejection, Reply};
 
+use super::accounts::token_claims;
 use super::{with_shared, Shared};
-use crate::auth::{bearer, Claims};
+use crate::auth::Claims;
 use crate::error::ApiError;
 use crate::store::{AgentEntry, StoreError, TaskEntry, Viewer};
 
@@ -26,7 +28,7 @@ pub fn tasks_list(
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / "v1" / "tasks")
         .and(warp::get())
-        .and(reader(shared.clone()))
+        .and(token_claims(shared.clone()))
         .and(limit())
         .and(with_shared(shared))
         .and_then(
@@ -48,7 +50,7 @@ pub fn agents_list(
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / "v1" / "agents")
         .and(warp::get())
-        .and(reader(shared.clone()))
+        .and(token_claims(shared.clone()))
         .and(limit())
         .and(with_shared(shared))
         .and_then(
@@ -70,7 +72,7 @@ pub fn analytics_get(
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / "v1" / "analytics")
         .and(warp::get())
-        .and(reader(shared.clone()))
+        .and(token_claims(shared.clone()))
         .and(with_shared(shared))
         .map(|claims: Claims, shared: Arc<Shared>| {
             let minutes = shared.hub.analytics(&claims.tenant);
@@ -82,21 +84,6 @@ pub fn analytics_get(
 }
 
 /// The caller: any valid JWT (user or admin). API keys publish; they do not read.
-fn reader(shared: Arc<Shared>) -> impl Filter<Extract = (Claims,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-        .and(with_shared(shared))
-        .and_then(
-            |authorization: Option<String>, shared: Arc<Shared>| async move {
-                let verified = bearer(authorization.as_deref())
-                    .ok_or(crate::auth::AuthError::Missing)
-                    .and_then(|token| shared.auth.verify(token));
-                verified.map_err(|e| {
-                    shared.hub.metrics().auth_failures.inc();
-                    warp::reject::custom(ApiError::Unauthorized(e))
-                })
-            },
-        )
-}
 
 /// `?limit=N`: 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent; else 422.
 fn limit() -> impl Filter<Extract = (usize,), Error = Rejection> + Clone {

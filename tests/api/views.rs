@@ -99,7 +99,7 @@ async fn each_caller_sees_its_tasks_and_no_other_tenants() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn views_refuse_bad_limits_and_missing_tokens() {
+async fn views_refuse_bad_limits_missing_tokens_and_api_keys() {
     let app = spawn_app().await;
     let token = app.user_token("alice");
     for path in ["/api/v1/tasks", "/api/v1/agents"] {
@@ -123,6 +123,24 @@ async fn views_refuse_bad_limits_and_missing_tokens() {
                 .await
                 .unwrap();
             assert_error(forged, 401, path).await;
+            // API keys only publish: a key is not a reader, whichever header carries it.
+            let key = format!("ak_{}", "x".repeat(40));
+            let by_bearer = app
+                .http
+                .get(app.url(path))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            assert_error(by_bearer, 403, path).await;
+            let by_header = app
+                .http
+                .get(app.url(path))
+                .header("x-api-key", &key)
+                .send()
+                .await
+                .unwrap();
+            assert_error(by_header, 403, path).await;
         }
         let post = app.post_json(path, Some(&token), &json!({})).await;
         assert_error(post, 405, path).await;
