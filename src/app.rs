@@ -101,7 +101,10 @@ pub async fn serve(
         .max_message_size(Some(settings.max_message_bytes))
         .max_frame_size(Some(settings.max_message_bytes));
     let accounts = Arc::new(Accounts::new(store.clone(), settings.accounts.clone()));
-    accounts.bootstrap_admin(&login_url(&listener)?).await?;
+    let base_url = base_url(&listener)?;
+    accounts
+        .bootstrap_admin(&format!("{base_url}/login.html"))
+        .await?;
     let shared = Arc::new(Shared {
         hub,
         auth,
@@ -117,7 +120,11 @@ pub async fn serve(
     let service = warp::service(routes::all(shared));
 
     let mut stop = std::pin::pin!(stop);
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    // Only now: the store is open and every tenant log loaded.
+    tracing::info!(
+        "agentcast {} ready on {base_url}",
+        env!("CARGO_PKG_VERSION")
+    );
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut stop => break,
@@ -208,15 +215,15 @@ async fn load_logs(logs: LogStore, history: usize) -> Result<Vec<(String, Tenant
     Ok(loaded)
 }
 
-/// Where a newcomer logs in, for the bootstrap admin's log line.
-fn login_url(listener: &TcpListener) -> std::io::Result<String> {
+/// The address a newcomer opens, for the log (`localhost` for a wildcard bind).
+fn base_url(listener: &TcpListener) -> std::io::Result<String> {
     let addr = listener.local_addr()?;
     let host = if addr.ip().is_unspecified() {
         format!("localhost:{}", addr.port())
     } else {
         addr.to_string()
     };
-    Ok(format!("http://{host}/login.html"))
+    Ok(format!("http://{host}"))
 }
 
 /// fly.io names each machine; elsewhere the host name will do.

@@ -51,16 +51,6 @@ fn serve(args: ServeArgs) -> ExitCode {
     let result = runtime.block_on(async move {
         let addr = SocketAddr::new(settings.bind, settings.port);
         let listener = agentcast::app::bind(addr)?;
-        let local = listener.local_addr()?;
-        let shown = if local.ip().is_unspecified() {
-            format!("localhost:{}", local.port())
-        } else {
-            local.to_string()
-        };
-        tracing::info!(
-            "agentcast {} ready on http://{shown}",
-            env!("CARGO_PKG_VERSION")
-        );
         agentcast::app::serve(settings, listener, agentcast::shutdown::signal()).await
     });
     // Sessions that ignored the drain must not keep the process alive.
