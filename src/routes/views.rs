@@ -83,8 +83,6 @@ pub fn analytics_get(
         })
 }
 
-/// The caller: any valid JWT (user or admin). API keys publish; they do not read.
-
 /// `?limit=N`: 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent; else 422.
 fn limit() -> impl Filter<Extract = (usize,), Error = Rejection> + Clone {
     warp::query::<HashMap<String, String>>().and_then(|query: HashMap<String, String>| async move {
