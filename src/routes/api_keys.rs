@@ -158,7 +158,8 @@ fn who(claims: &Claims) -> &str {
 /// A `system` warning to every admin connection of `tenant`. Kept to this one
 /// call so the hub's publish API can change (e.g. become async) in one place.
 async fn alert_admins(shared: &Shared, tenant: &str, message: String) {
-    let data = json!({ "message": message, "level": "warning" });
+    // `category` lets a page tell these security alerts from other warnings.
+    let data = json!({ "message": message, "level": "warning", "category": "security" });
     // The key change itself is committed; an alert the log cannot take now
     // is logged instead of failing the request.
     if let Err(error) = shared

@@ -236,7 +236,8 @@
     var list = systemLog().filter(function (m) { return m.id !== msg.id; });
     list.unshift({
       id: msg.id, seq: msg.seq, ts: msg.ts,
-      message: String(data.message || ''), level: String(data.level || 'info')
+      message: String(data.message || ''), level: String(data.level || 'info'),
+      category: typeof data.category === 'string' ? data.category : ''
     });
     try { global.sessionStorage.setItem(SYSTEM_KEY, JSON.stringify(list.slice(0, SYSTEM_MAX))); } catch (e) { /* full */ }
   }

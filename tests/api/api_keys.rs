@@ -381,6 +381,7 @@ async fn admins_are_warned_when_a_key_is_created_or_revoked() {
     for ws in [&mut admin_ws, &mut other_admin_ws] {
         let alert = ws.expect_type("system").await;
         assert_eq!(alert["data"]["level"], "warning", "{alert}");
+        assert_eq!(alert["data"]["category"], "security", "{alert}");
         let message = alert["data"]["message"].as_str().unwrap();
         assert!(
             message.contains("nightly export") && message.contains("created"),

@@ -398,6 +398,8 @@ it('an admin creates an API key (shown once, copied), lists it, publishes with i
   // SPEC §2: creating a key warns the tenant's admins (the security alerts feed).
   await page.locator('#alerts li', { hasText: 'API key "e2e-publisher"' }).filter({ hasText: 'was created by Alice Admin' }).waitFor();
   await page.locator('#notifications .toast--warning', { hasText: 'e2e-publisher' }).first().waitFor();
+  // A warning that is not about keys is a notification, not a security alert.
+  await server.broadcast(admin, 'system', { message: 'Disk almost full', level: 'warning' });
 
   // The key publishes (a backend would do this), and only until it is revoked.
   const published = await fetch(server.base + '/api/v1/ws/broadcast', {
@@ -410,6 +412,8 @@ it('an admin creates an API key (shown once, copied), lists it, publishes with i
   await row.getByRole('button', { name: /^Confirm: revoke/ }).click();
   await row.waitFor({ state: 'detached' });
   await page.locator('#alerts li', { hasText: 'was revoked by Alice Admin' }).waitFor();
+  // The revoke alert came after the disk warning (seq order), so that one was seen and left out.
+  assert.equal(await page.locator('#alerts li', { hasText: 'Disk almost full' }).count(), 0);
   const refused = await fetch(server.base + '/api/v1/ws/broadcast', {
     method: 'POST', headers: { Authorization: 'Bearer ' + key, 'Content-Type': 'application/json' },
     body: JSON.stringify({ type: 'notification', data: { text: 'after revoke' } })

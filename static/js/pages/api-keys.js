@@ -1,6 +1,6 @@
 /* API keys (admins): create (the key is shown once, with a copy button), list
-   and revoke keys (SPEC §2), and the security alerts feed: `system` messages of
-   level warning, which the server sends when a key is created or revoked. */
+   and revoke keys (SPEC §2), and the security alerts feed: the `system` warnings
+   of category `security` the server sends when a key is created or revoked. */
 (function (global) {
   'use strict';
   var page = global.Agentcast && global.Agentcast.page;
@@ -11,7 +11,7 @@
   // ---- security alerts ----------------------------------------------------------
   var alerts = $('alerts');
   function renderAlerts() {
-    var entries = page.systemLog().filter(function (m) { return m.level === 'warning'; });
+    var entries = page.systemLog().filter(function (m) { return m.category === 'security'; });
     page.clear(alerts);
     entries.forEach(function (m) {
       alerts.appendChild(el('li', null, [page.badge('warning'), el('span', { class: 'feed__text' }, m.message), page.timeEl(m.ts)]));
@@ -20,7 +20,7 @@
   }
   page.client.on('system', function (msg) {
     renderAlerts();
-    if (msg.data && msg.data.level === 'warning') loadKeys(); // a key changed somewhere
+    if (msg.data && msg.data.category === 'security') loadKeys(); // a key changed somewhere
   });
   renderAlerts();
 
