@@ -2,13 +2,14 @@
 //! every refusal of them, the failed-login limiter, and restart survival.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use agentcast::auth::Role;
 use agentcast::config::Secret;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_error, claims, now_s, spawn_app, spawn_app_with, TestApp, WAIT};
+use crate::helpers::{
+    assert_error, claims, now_s, spawn_app, spawn_app_with, DataDir, TestApp, WAIT,
+};
 
 pub const SIGNUP: &str = "/api/v1/auth/signup";
 pub const LOGIN: &str = "/api/v1/auth/login";
@@ -475,23 +476,6 @@ async fn me_and_refresh_need_a_valid_token_of_an_existing_account() {
         .post_broadcast(token, &json!({"type": "notification", "data": {}}))
         .await;
     assert_error(response, 403, "a refreshed user token publishing").await;
-}
-
-/// A fresh data folder that outlives one server.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!("agentcast-restart-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&path).expect("create the data dir");
-        DataDir(path)
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::{
-    accepted, assert_error, claims, seq_of, sign, spawn_app, spawn_app_with, summary,
-    with_token_protocol, TestApp, WsClient, WAIT,
+    accepted, assert_error, claims, ready_address, seq_of, sign, spawn_app, spawn_app_with,
+    summary, with_token_protocol, DataDir, TestApp, WsClient, WAIT,
 };
 use crate::resume::read_replay;
 
@@ -211,13 +211,6 @@ impl Drop for Server {
     }
 }
 
-/// `127.0.0.1:port` from the JSON line `… ready on http://127.0.0.1:port"…`.
-fn ready_address(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("ready on http://")? + "ready on http://".len()..];
-    let end = rest.find(|c: char| c == '"' || c.is_whitespace())?;
-    rest[..end].parse().ok()
-}
-
 fn token(sub: &str, role: Role) -> String {
     sign(
         Algorithm::HS256,
@@ -238,14 +231,6 @@ async fn connect(server: &Server, token: &str, resume: Option<(u64, &str)>) -> W
     .await
 }
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Publishers post in a loop from several tasks; the server is killed with
 /// SIGKILL mid-flight. After a restart every acknowledged seq is in the
 /// history, the epoch is the same, and the next seq is above all of them.
@@ -253,8 +238,7 @@ impl Drop for TempDir {
 async fn kill_9_while_publishing_loses_nothing_acknowledged() {
     const PUBLISHERS: usize = 6;
     const KILL_AFTER: usize = 300;
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("agentcast-crash-{}", uuid::Uuid::new_v4())));
+    let dir = DataDir::new();
     let mut server = Server::start(&dir.0);
     let user = token("watcher", Role::User);
     let mut client = connect(&server, &user, None).await;

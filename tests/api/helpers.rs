@@ -58,6 +58,34 @@ pub struct TestApp {
     serve_task: Option<JoinHandle<Result<(), agentcast::app::AppError>>>,
 }
 
+/// A fresh data folder that outlives one server (restart and crash tests);
+/// removed when dropped.
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("agentcast-data-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).expect("create the data dir");
+        DataDir(path)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The address in the real binary's "agentcast … ready on http://ADDR" log line
+/// (pretty or JSON), for tests that run the binary itself.
+pub fn ready_address(log: &str) -> Option<SocketAddr> {
+    let rest = &log[log.find("ready on http://")? + "ready on http://".len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 /// A server with the test defaults of [`Settings::for_tests`].
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::helpers::{with_token_protocol, WsClient, WAIT};
+use crate::helpers::{ready_address, with_token_protocol, DataDir, WsClient, WAIT};
 
 /// A running `agentcast` process and everything it has written so far.
 struct Binary {
@@ -53,7 +53,7 @@ impl Binary {
         ];
         let deadline = Instant::now() + WAIT;
         let addr = loop {
-            if let Some(addr) = ready_addr(&output.lock().unwrap()) {
+            if let Some(addr) = ready_address(&output.lock().unwrap()) {
                 break addr;
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -159,31 +159,6 @@ fn capture(
             output.push('\n');
         }
     })
-}
-
-/// The address of the "agentcast … ready on http://ADDR" line.
-fn ready_addr(output: &str) -> Option<SocketAddr> {
-    let rest = &output[output.find("ready on http://")? + "ready on http://".len()..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!("agentcast-logs-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&path).expect("create the data dir");
-        DataDir(path)
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
