@@ -227,18 +227,6 @@ mod tests {
         assert!(!log.resume(11, &epoch, "u", Role::User).complete);
     }
 
-    fn envelope(seq: u64) -> Arc<Envelope> {
-        let data = serde_json::json!({});
-        Arc::new(Envelope::encode(
-            "t",
-            &data,
-            "id",
-            seq,
-            "ts",
-            Target::Broadcast,
-        ))
-    }
-
     #[test]
     fn assigned_seqs_stay_invisible_until_committed() {
         let mut log = TenantLog::new(100);
@@ -246,7 +234,7 @@ mod tests {
         assert_eq!((a, b, log.head()), (1, 2, 0));
         let epoch = log.epoch().to_owned();
         assert!(log.resume(0, &epoch, "u", Role::User).entries.is_empty());
-        log.push(envelope(a));
+        log.push(Envelope::for_test(a));
         assert_eq!(log.head(), 1);
         assert_eq!(
             log.assign(),
@@ -264,7 +252,7 @@ mod tests {
         let second = log.assign();
         log.unassign(1);
         assert_eq!(log.assign(), 3, "not the last one: kept as a hole");
-        log.push(envelope(second));
+        log.push(Envelope::for_test(second));
         log.unassign(second);
         assert_eq!(log.assign(), 4, "a committed seq is never taken back");
     }
@@ -276,8 +264,8 @@ mod tests {
             log.assign();
         }
         // seq 2 failed in the store: 1 and 3 committed.
-        log.push(envelope(1));
-        log.push(envelope(3));
+        log.push(Envelope::for_test(1));
+        log.push(Envelope::for_test(3));
         let epoch = log.epoch().to_owned();
         let replay = log.resume(0, &epoch, "u", Role::User);
         assert!(replay.complete);
@@ -293,7 +281,7 @@ mod tests {
 
     #[test]
     fn restore_continues_above_the_stored_head() {
-        let log = TenantLog::restore("e".into(), 9, (5..=7).map(envelope), 2);
+        let log = TenantLog::restore("e".into(), 9, (5..=7).map(Envelope::for_test), 2);
         assert_eq!((log.epoch(), log.head(), log.len()), ("e", 9, 2));
         let mut log = log;
         assert_eq!(log.assign(), 10);
@@ -305,7 +293,7 @@ mod tests {
     fn adopting_the_stores_epoch_drops_the_cached_history() {
         let mut log = TenantLog::new(10);
         log.assign();
-        log.push(envelope(1));
+        log.push(Envelope::for_test(1));
         let epoch = log.epoch().to_owned();
         log.adopt(epoch.clone(), 0);
         assert_eq!(

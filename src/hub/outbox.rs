@@ -102,26 +102,14 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::wire::Target;
-    fn envelope(seq: u64) -> Arc<Envelope> {
-        let data = serde_json::json!({});
-        Arc::new(Envelope::encode(
-            "t",
-            &data,
-            "id",
-            seq,
-            "ts",
-            Target::Broadcast,
-        ))
-    }
 
     #[test]
     fn overflow_is_sticky_and_drops_the_queue() {
         let outbox = Outbox::new(2);
-        assert!(outbox.push(&envelope(1)));
-        assert!(outbox.push(&envelope(2)));
-        assert!(!outbox.push(&envelope(3)));
-        assert!(!outbox.push(&envelope(4)));
+        assert!(outbox.push(&Envelope::for_test(1)));
+        assert!(outbox.push(&Envelope::for_test(2)));
+        assert!(!outbox.push(&Envelope::for_test(3)));
+        assert!(!outbox.push(&Envelope::for_test(4)));
         assert!(matches!(outbox.take(), Taken::Overflowed));
     }
 
@@ -129,7 +117,7 @@ mod tests {
     fn take_returns_everything_in_order() {
         let outbox = Outbox::new(8);
         for seq in 1..=3 {
-            assert!(outbox.push(&envelope(seq)));
+            assert!(outbox.push(&Envelope::for_test(seq)));
         }
         let Taken::Frames(frames) = outbox.take() else {
             panic!("not overflowed")

@@ -68,6 +68,20 @@ impl Envelope {
             published_at: Instant::now(),
         }
     }
+
+    /// A broadcast with empty data, for unit tests of the queues and logs.
+    #[cfg(test)]
+    pub fn for_test(seq: u64) -> std::sync::Arc<Self> {
+        let data = serde_json::json!({});
+        std::sync::Arc::new(Envelope::encode(
+            "t",
+            &data,
+            "id",
+            seq,
+            "ts",
+            Target::Broadcast,
+        ))
+    }
 }
 
 /// A frame the server itself sends: `{"type": .., "data": ..}`.
