@@ -1,8 +1,8 @@
 //! The views (SPEC §3, §5): tasks, agents and per-minute analytics of the
 //! caller's tenant. Any valid JWT of the tenant may read them (an API key gets
-//! 403: keys only publish); a user sees
-//! the entries set by broadcasts and by messages to them, an admin all of
-//! the tenant's. Nothing crosses tenants: the tenant comes from the token.
+//! 403: keys only publish); a user sees the entries set by broadcasts and by
+//! messages to them, an admin all of the tenant's. Nothing crosses tenants:
+//! the tenant comes from the token.
 
 use std::collections::HashMap;
 use std::sync::Arc;
