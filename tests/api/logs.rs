@@ -17,19 +17,20 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::{ready_address, with_token_protocol, DataDir, WsClient, WAIT};
 
-/// A running `agentcast` process and everything it has written so far.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    output: Arc<Mutex<String>>,
+/// A running `agentcast` process and everything it has written so far (also
+/// used by `hardening_ws` to watch the process's memory).
+pub(crate) struct Binary {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) output: Arc<Mutex<String>>,
     readers: Vec<std::thread::JoinHandle<()>>,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Binary {
     /// Starts the binary on a free port with `env` (and nothing inherited), and
     /// waits (bounded) for its "ready on" line.
-    fn start(data_dir: &Path, env: &[(&str, &str)]) -> Binary {
+    pub(crate) fn start(data_dir: &Path, env: &[(&str, &str)]) -> Binary {
         let mut command = Command::new(env!("CARGO_BIN_EXE_agentcast"));
         command
             .env_clear()
@@ -114,7 +115,7 @@ impl Binary {
     }
 
     /// SIGTERM, then waits (bounded) for the exit and the end of its output.
-    fn stop(mut self) -> String {
+    pub(crate) fn stop(mut self) -> String {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill")
             .args(["-TERM", &pid])
