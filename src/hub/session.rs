@@ -4,8 +4,16 @@
 //! idle, token expiry), inbound frames, and either the pending flush or its
 //! outbox — polled together so a socket that stops draining never hides a
 //! shutdown, an overflow or an expiry. Frames taken from the outbox are written
-//! into the socket's buffer together and flushed once. It runs over any
-//! `AsyncRead + AsyncWrite` stream, so it can be driven without a network.
+//! into the socket's buffer together, up to [`BATCH_BYTES`], and flushed once.
+//! It runs over any `AsyncRead + AsyncWrite` stream, so it can be driven
+//! without a network.
+//!
+//! What one socket may hold is bounded (SPEC §4.3): every client frame, control
+//! frames included, takes a token from the frame-rate bucket, and the socket's
+//! write buffer has a hard limit (`max_write_buffer_size`, set where the
+//! `WebSocketConfig` is built); answers that would pass it close the socket
+//! with 4503 instead of growing it. tungstenite keeps at most one pending Pong
+//! reply once that limit is set, so unread Pongs cannot pile up either.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -45,6 +53,11 @@ pub mod close {
 /// Replayed history is written in chunks this large, so a long resume neither
 /// builds one huge buffer nor starves the loop.
 const REPLAY_CHUNK: usize = 256;
+/// A batch stops taking frames once it holds this many bytes (a frame is never
+/// split, so a batch may pass it by one frame). Together with the replies
+/// written while a flush is pending, this is what the socket's write buffer
+/// must hold: see [`write_buffer_limit`].
+pub const BATCH_BYTES: usize = 64 * 1024;
 /// Fill-and-flush rounds a session runs in one turn before it yields.
 const WRITE_ROUNDS: usize = 8;
 /// How long a closing socket gets to take our close frame and answer it.
@@ -132,6 +145,7 @@ pub async fn run<S>(
         bucket: TokenBucket::new(config.frame_rate, config.frame_burst),
         backlog: VecDeque::new(),
         replay_summary: None,
+        pending: VecDeque::new(),
         in_flight: VecDeque::new(),
         unflushed_frames: 0,
         dirty: false,
@@ -215,6 +229,8 @@ struct Session {
     /// History still to replay, then the `replay` summary frame.
     backlog: VecDeque<Arc<Envelope>>,
     replay_summary: Option<Utf8Bytes>,
+    /// Live frames taken from the outbox that did not fit in the last batch.
+    pending: VecDeque<Arc<Envelope>>,
     /// Live frames written but not yet flushed, for the delivery-latency histogram.
     in_flight: VecDeque<Arc<Envelope>>,
     unflushed_frames: u64,
@@ -255,6 +271,7 @@ impl Session {
                     } else if outbox_ready
                         || !self.backlog.is_empty()
                         || self.replay_summary.is_some()
+                        || !self.pending.is_empty()
                     {
                         if let Err(ending) = self.fill(ws) {
                             return Poll::Ready(Event::Ended(ending));
@@ -294,14 +311,22 @@ impl Session {
         }
     }
 
-    /// Writes the next frames into the socket buffer: replay first, then live.
+    /// Writes the next batch into the socket buffer: replay first, then live.
+    /// A batch ends at [`BATCH_BYTES`], so the buffer never holds a whole
+    /// backlog or outbox; what is left waits for the next round.
     fn fill<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<(), Ending>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         if !self.backlog.is_empty() {
-            let n = self.backlog.len().min(REPLAY_CHUNK);
-            for envelope in self.backlog.drain(..n) {
+            let mut bytes = 0;
+            let mut n = 0;
+            while n < REPLAY_CHUNK && bytes < BATCH_BYTES {
+                let Some(envelope) = self.backlog.pop_front() else {
+                    break;
+                };
+                bytes += envelope.text.len();
+                n += 1;
                 write(ws, Message::Text(envelope.text.clone()))?;
             }
             self.unflushed_frames += n as u64;
@@ -312,18 +337,30 @@ impl Session {
         if let Some(summary) = self.replay_summary.take() {
             return self.send_text(ws, summary);
         }
-        match self.membership.outbox.take() {
-            Taken::Overflowed => Err(Ending::Close(close::SLOW_CONSUMER, "slow consumer")),
-            Taken::Frames(frames) => {
-                for envelope in &frames {
-                    write(ws, Message::Text(envelope.text.clone()))?;
+        if self.pending.is_empty() {
+            match self.membership.outbox.take() {
+                Taken::Overflowed => {
+                    return Err(Ending::Close(close::SLOW_CONSUMER, "slow consumer"))
                 }
-                self.unflushed_frames += frames.len() as u64;
-                self.in_flight = frames;
-                self.dirty = true;
-                Ok(())
+                Taken::Frames(frames) => self.pending = frames,
             }
         }
+        let mut bytes = 0;
+        while bytes < BATCH_BYTES {
+            let Some(envelope) = self.pending.pop_front() else {
+                break;
+            };
+            bytes += envelope.text.len();
+            write(ws, Message::Text(envelope.text.clone()))?;
+            self.unflushed_frames += 1;
+            self.in_flight.push_back(envelope);
+            self.dirty = true;
+        }
+        if self.pending.is_empty() {
+            // Drop rather than clear: an idle connection keeps no buffer.
+            self.pending = VecDeque::new();
+        }
+        Ok(())
     }
 
     fn on_flushed(&mut self) {
@@ -374,11 +411,16 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         self.last_heard = Instant::now();
+        if let Message::Close(_) = message {
+            return Err(Ending::PeerGone);
+        }
+        // Every frame costs a token, control frames too: a Ping is answered (a
+        // Pong to write), so free Pings would be free work and free liveness.
+        if !self.bucket.take(self.last_heard) {
+            return Err(Ending::Close(close::TOO_MANY, "too many frames"));
+        }
         match message {
             Message::Text(text) => {
-                if !self.bucket.take(self.last_heard) {
-                    return Err(Ending::Close(close::TOO_MANY, "too many frames"));
-                }
                 let reply = self.on_text(text.as_str());
                 self.send_text(ws, reply)
             }
@@ -391,8 +433,7 @@ impl Session {
                 self.dirty = true;
                 Ok(())
             }
-            Message::Pong(_) | Message::Frame(_) => Ok(()),
-            Message::Close(_) => Err(Ending::PeerGone),
+            Message::Pong(_) | Message::Frame(_) | Message::Close(_) => Ok(()),
         }
     }
 
@@ -459,14 +500,28 @@ impl Session {
 }
 
 /// Buffers a frame in the socket. tungstenite writes through when it can and keeps
-/// the rest for the next flush; the loop only feeds it when the last flush is done,
-/// so the buffer holds at most one batch.
+/// the rest for the next flush; the loop only feeds it a batch when the last flush
+/// is done, so the buffer holds one batch plus the replies written meanwhile. A
+/// full buffer means the client sends but does not read: 4503, never more memory.
 fn write<S>(ws: &mut WebSocketStream<S>, message: impl Into<Message>) -> Result<(), Ending>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    ws.start_send_unpin(message.into())
-        .map_err(|_| Ending::PeerGone)
+    ws.start_send_unpin(message.into()).map_err(|e| match e {
+        WsError::WriteBufferFull(_) => Ending::Close(close::SLOW_CONSUMER, "slow consumer"),
+        _ => Ending::PeerGone,
+    })
+}
+
+/// The hard limit of one socket's write buffer (`max_write_buffer_size`) for
+/// frames of at most `max_message_bytes`: a batch ([`BATCH_BYTES`] plus its last
+/// frame), room for the replies and Pongs written while that batch drains, and
+/// the envelope fields around a message. Anything beyond is a client that does
+/// not read.
+pub fn write_buffer_limit(max_message_bytes: usize) -> usize {
+    BATCH_BYTES
+        .saturating_add(max_message_bytes.saturating_mul(2))
+        .saturating_add(64 * 1024)
 }
 
 fn read_failure(error: WsError) -> Ending {
