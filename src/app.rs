@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::accounts::Accounts;
 use crate::auth::Authenticator;
 use crate::config::{ConfigError, Settings, StoreSync};
-use crate::hub::session::SessionConfig;
+use crate::hub::session::{self, SessionConfig};
 use crate::hub::{Hub, Limits};
 use crate::log::{LogStore, LogStoreKind, TenantLog};
 use crate::metrics::Metrics;
@@ -98,6 +98,9 @@ pub async fn serve(
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
+        // tungstenite's default is unbounded: a client that sends Pings or
+        // frames and never reads would grow it forever (issue 8, finding 1).
+        .max_write_buffer_size(session::write_buffer_limit(settings.max_message_bytes))
         .max_message_size(Some(settings.max_message_bytes))
         .max_frame_size(Some(settings.max_message_bytes));
     let accounts = Arc::new(Accounts::new(store.clone(), settings.accounts.clone()));

@@ -3,7 +3,11 @@
 //!
 //! The algorithm is pinned by configuration (HS256 with our secret, plus RS256 or
 //! ES256 when `JWT_PUBLIC_KEY` is set), never taken from the token: a token whose
-//! header names anything else, `none` included, is refused.
+//! header names anything else, `none` included, is refused. `exp` is required,
+//! `nbf` honoured, both with the configured leeway. External tokens must name
+//! `JWT_ISSUER` and `JWT_AUDIENCE` (a provider signs for many applications);
+//! our own HS256 tokens carry no `aud`, and one that does must match
+//! `JWT_AUDIENCE` when it is set (unset: `aud` is ignored, not refused).
 //!
 //! API keys (`ak_…`, SPEC §2) are the other credential: they are looked up by
 //! their SHA-256 hash in the store, authorize the publish endpoints of their
@@ -58,7 +62,7 @@ impl Claims {
         let now = unix_now();
         Claims {
             sub: sub.into(),
-            exp: now + ttl.as_secs(),
+            exp: now.saturating_add(ttl.as_secs()),
             iat: now,
             role,
             tenant: tenant.into(),
@@ -174,14 +178,30 @@ impl Authenticator {
     pub fn new(settings: &Settings) -> Result<Self, ConfigError> {
         let secret = settings.jwt_secret.expose().as_bytes();
         let leeway = settings.jwt_leeway.as_secs();
+        let audience = settings.jwt_audience.as_deref();
         let external = match &settings.jwt_public_key {
             None => None,
-            Some(value) => Some(external_key(value, leeway)?),
+            Some(value) => {
+                let (Some(issuer), Some(audience)) = (settings.jwt_issuer.as_deref(), audience)
+                else {
+                    return Err(ConfigError::Invalid(EXTERNAL_NEEDS_ISS_AUD.to_owned()));
+                };
+                let (key, mut rules) = external_key(value, leeway)?;
+                rules.set_issuer(&[issuer]);
+                rules.set_audience(&[audience]);
+                rules.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+                Some((key, rules))
+            }
         };
+        let mut hs_validation = validation(Algorithm::HS256, leeway);
+        match audience {
+            Some(audience) => hs_validation.set_audience(&[audience]),
+            None => hs_validation.validate_aud = false,
+        }
         Ok(Authenticator {
             hs_encoding: EncodingKey::from_secret(secret),
             hs_decoding: DecodingKey::from_secret(secret),
-            hs_validation: validation(Algorithm::HS256, leeway),
+            hs_validation,
             external,
         })
     }
@@ -266,10 +286,15 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Why a start with `JWT_PUBLIC_KEY` but without issuer or audience fails.
+pub const EXTERNAL_NEEDS_ISS_AUD: &str =
+    "JWT_ISSUER and JWT_AUDIENCE are required when JWT_PUBLIC_KEY is set";
+
 fn validation(alg: Algorithm, leeway: u64) -> Validation {
     let mut rules = Validation::new(alg);
     rules.leeway = leeway;
     rules.validate_exp = true;
+    rules.validate_nbf = true;
     rules.set_required_spec_claims(&["exp", "sub"]);
     rules
 }

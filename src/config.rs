@@ -78,6 +78,15 @@ pub struct ServeArgs {
     #[arg(long, env = "JWT_PUBLIC_KEY", hide_env_values = true)]
     pub jwt_public_key: Option<String>,
 
+    /// The `iss` external tokens must carry (required with JWT_PUBLIC_KEY).
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// The `aud` external tokens must carry (required with JWT_PUBLIC_KEY); our own
+    /// tokens that carry an `aud` must match it too.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
     #[command(flatten)]
     pub accounts: AccountArgs,
 
@@ -294,6 +303,9 @@ pub struct Settings {
     pub store_sync: StoreSync,
     pub jwt_secret: Secret,
     pub jwt_public_key: Option<String>,
+    /// `iss` / `aud` required of tokens (SPEC §2); both are required with a public key.
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
     /// Clock skew allowed on `exp`; 30 s in production, 0 in tests that watch expiry.
     pub jwt_leeway: Duration,
     pub accounts: AccountSettings,
@@ -337,6 +349,8 @@ impl Settings {
             store_sync: args.store_sync,
             jwt_secret,
             jwt_public_key: args.jwt_public_key,
+            jwt_issuer: args.jwt_issuer.filter(|v| !v.is_empty()),
+            jwt_audience: args.jwt_audience.filter(|v| !v.is_empty()),
             jwt_leeway: Duration::from_secs(30),
             accounts: AccountSettings::from_args(args.accounts)?,
             max_message_bytes: args.max_message_bytes,
@@ -373,6 +387,8 @@ impl Settings {
             store_sync: StoreSync::Full,
             jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
             jwt_public_key: None,
+            jwt_issuer: None,
+            jwt_audience: None,
             jwt_leeway: Duration::ZERO,
             accounts: AccountSettings::for_tests(),
             max_message_bytes: 64 * 1024,
@@ -402,6 +418,11 @@ impl Settings {
         check(
             self.jwt_secret.expose().len() >= 16,
             "JWT_SECRET must be at least 16 bytes",
+        )?;
+        check(
+            self.jwt_public_key.is_none()
+                || (self.jwt_issuer.is_some() && self.jwt_audience.is_some()),
+            crate::auth::EXTERNAL_NEEDS_ISS_AUD,
         )?;
         check(
             self.max_message_bytes >= 256,

@@ -88,7 +88,10 @@ fn token(args: agentcast::config::TokenArgs) -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // tungstenite traces every frame with its payload, and a client's
+        // `refresh` frame carries a token: no level may show it (SPEC §1).
+        .add_directive("tungstenite=debug".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);

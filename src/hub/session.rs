@@ -4,8 +4,16 @@
 //! idle, token expiry), inbound frames, and either the pending flush or its
 //! outbox — polled together so a socket that stops draining never hides a
 //! shutdown, an overflow or an expiry. Frames taken from the outbox are written
-//! into the socket's buffer together and flushed once. It runs over any
-//! `AsyncRead + AsyncWrite` stream, so it can be driven without a network.
+//! into the socket's buffer together, up to [`BATCH_BYTES`], and flushed once.
+//! It runs over any `AsyncRead + AsyncWrite` stream, so it can be driven
+//! without a network.
+//!
+//! What one socket may hold is bounded (SPEC §4.3): every client frame, control
+//! frames included, takes a token from the frame-rate bucket, and the socket's
+//! write buffer has a hard limit (`max_write_buffer_size`, set where the
+//! `WebSocketConfig` is built); answers that would pass it close the socket
+//! with 4503 instead of growing it. tungstenite keeps at most one pending Pong
+//! reply once that limit is set, so unread Pongs cannot pile up either.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -45,6 +53,11 @@ pub mod close {
 /// Replayed history is written in chunks this large, so a long resume neither
 /// builds one huge buffer nor starves the loop.
 const REPLAY_CHUNK: usize = 256;
+/// A batch stops taking frames once it holds this many bytes (a frame is never
+/// split, so a batch may pass it by one frame). Together with the replies
+/// written while a flush is pending, this is what the socket's write buffer
+/// must hold: see [`write_buffer_limit`].
+pub const BATCH_BYTES: usize = 64 * 1024;
 /// Fill-and-flush rounds a session runs in one turn before it yields.
 const WRITE_ROUNDS: usize = 8;
 /// How long a closing socket gets to take our close frame and answer it.
@@ -132,6 +145,7 @@ pub async fn run<S>(
         bucket: TokenBucket::new(config.frame_rate, config.frame_burst),
         backlog: VecDeque::new(),
         replay_summary: None,
+        pending: VecDeque::new(),
         in_flight: VecDeque::new(),
         unflushed_frames: 0,
         dirty: false,
@@ -215,6 +229,8 @@ struct Session {
     /// History still to replay, then the `replay` summary frame.
     backlog: VecDeque<Arc<Envelope>>,
     replay_summary: Option<Utf8Bytes>,
+    /// Live frames taken from the outbox that did not fit in the last batch.
+    pending: VecDeque<Arc<Envelope>>,
     /// Live frames written but not yet flushed, for the delivery-latency histogram.
     in_flight: VecDeque<Arc<Envelope>>,
     unflushed_frames: u64,
@@ -255,6 +271,7 @@ impl Session {
                     } else if outbox_ready
                         || !self.backlog.is_empty()
                         || self.replay_summary.is_some()
+                        || !self.pending.is_empty()
                     {
                         if let Err(ending) = self.fill(ws) {
                             return Poll::Ready(Event::Ended(ending));
@@ -294,14 +311,22 @@ impl Session {
         }
     }
 
-    /// Writes the next frames into the socket buffer: replay first, then live.
+    /// Writes the next batch into the socket buffer: replay first, then live.
+    /// A batch ends at [`BATCH_BYTES`], so the buffer never holds a whole
+    /// backlog or outbox; what is left waits for the next round.
     fn fill<S>(&mut self, ws: &mut WebSocketStream<S>) -> Result<(), Ending>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         if !self.backlog.is_empty() {
-            let n = self.backlog.len().min(REPLAY_CHUNK);
-            for envelope in self.backlog.drain(..n) {
+            let mut bytes = 0;
+            let mut n = 0;
+            while n < REPLAY_CHUNK && bytes < BATCH_BYTES {
+                let Some(envelope) = self.backlog.pop_front() else {
+                    break;
+                };
+                bytes += envelope.text.len();
+                n += 1;
                 write(ws, Message::Text(envelope.text.clone()))?;
             }
             self.unflushed_frames += n as u64;
@@ -312,18 +337,30 @@ impl Session {
         if let Some(summary) = self.replay_summary.take() {
             return self.send_text(ws, summary);
         }
-        match self.membership.outbox.take() {
-            Taken::Overflowed => Err(Ending::Close(close::SLOW_CONSUMER, "slow consumer")),
-            Taken::Frames(frames) => {
-                for envelope in &frames {
-                    write(ws, Message::Text(envelope.text.clone()))?;
+        if self.pending.is_empty() {
+            match self.membership.outbox.take() {
+                Taken::Overflowed => {
+                    return Err(Ending::Close(close::SLOW_CONSUMER, "slow consumer"))
                 }
-                self.unflushed_frames += frames.len() as u64;
-                self.in_flight = frames;
-                self.dirty = true;
-                Ok(())
+                Taken::Frames(frames) => self.pending = frames,
             }
         }
+        let mut bytes = 0;
+        while bytes < BATCH_BYTES {
+            let Some(envelope) = self.pending.pop_front() else {
+                break;
+            };
+            bytes += envelope.text.len();
+            write(ws, Message::Text(envelope.text.clone()))?;
+            self.unflushed_frames += 1;
+            self.in_flight.push_back(envelope);
+            self.dirty = true;
+        }
+        if self.pending.is_empty() {
+            // Drop rather than clear: an idle connection keeps no buffer.
+            self.pending = VecDeque::new();
+        }
+        Ok(())
     }
 
     fn on_flushed(&mut self) {
@@ -374,11 +411,16 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         self.last_heard = Instant::now();
+        if let Message::Close(_) = message {
+            return Err(Ending::PeerGone);
+        }
+        // Every frame costs a token, control frames too: a Ping is answered (a
+        // Pong to write), so free Pings would be free work and free liveness.
+        if !self.bucket.take(self.last_heard) {
+            return Err(Ending::Close(close::TOO_MANY, "too many frames"));
+        }
         match message {
             Message::Text(text) => {
-                if !self.bucket.take(self.last_heard) {
-                    return Err(Ending::Close(close::TOO_MANY, "too many frames"));
-                }
                 let reply = self.on_text(text.as_str());
                 self.send_text(ws, reply)
             }
@@ -391,60 +433,19 @@ impl Session {
                 self.dirty = true;
                 Ok(())
             }
-            Message::Pong(_) | Message::Frame(_) => Ok(()),
-            Message::Close(_) => Err(Ending::PeerGone),
+            Message::Pong(_) | Message::Frame(_) | Message::Close(_) => Ok(()),
         }
     }
 
-    /// The answer to one client text frame (SPEC §4.2).
+    /// Answers one client text frame; a successful `refresh` replaces the
+    /// connection's claims and expiry.
     fn on_text(&mut self, text: &str) -> Utf8Bytes {
-        let frame: ClientFrame = match serde_json::from_str(text) {
-            Ok(frame) => frame,
-            Err(_) => {
-                return wire::error_frame(
-                    "invalid_frame",
-                    "frames must be JSON objects with a string \"type\"",
-                )
-            }
-        };
-        match frame.kind.as_str() {
-            "ping" => wire::control("pong", json!({"ts": wire::timestamp()})),
-            "refresh" => match self.refresh(&frame.data) {
-                Ok(exp) => wire::control("refreshed", json!({"exp": exp})),
-                Err((code, message)) => wire::error_frame(code, message),
-            },
-            other => {
-                let shown: String = other.chars().take(64).collect();
-                wire::error_frame("unknown_type", &format!("unknown frame type '{shown}'"))
-            }
+        let (reply, refreshed) = answer(text, &self.config.auth, &self.claims);
+        if let Some(claims) = refreshed {
+            self.token_deadline = deadline_of(claims.exp, self.config.leeway);
+            self.claims = claims;
         }
-    }
-
-    /// Replaces the connection's token; the new one must be for the same user and
-    /// tenant and expire later.
-    fn refresh(&mut self, data: &serde_json::Value) -> Result<u64, (&'static str, &'static str)> {
-        let token = data
-            .get("token")
-            .and_then(|t| t.as_str())
-            .ok_or(("invalid_frame", "refresh needs data.token"))?;
-        let claims = self
-            .config
-            .auth
-            .verify(token)
-            .map_err(|_| ("invalid_token", "token refused"))?;
-        if claims.sub != self.claims.sub || claims.tenant != self.claims.tenant {
-            return Err(("token_mismatch", "token is for another user or tenant"));
-        }
-        if claims.exp <= self.claims.exp {
-            return Err((
-                "token_not_later",
-                "token does not expire later than the current one",
-            ));
-        }
-        self.token_deadline = deadline_of(claims.exp, self.config.leeway);
-        let exp = claims.exp;
-        self.claims = claims;
-        Ok(exp)
+        reply
     }
 
     fn send_text<S>(&mut self, ws: &mut WebSocketStream<S>, text: Utf8Bytes) -> Result<(), Ending>
@@ -459,14 +460,90 @@ impl Session {
 }
 
 /// Buffers a frame in the socket. tungstenite writes through when it can and keeps
-/// the rest for the next flush; the loop only feeds it when the last flush is done,
-/// so the buffer holds at most one batch.
+/// the rest for the next flush; the loop only feeds it a batch when the last flush
+/// is done, so the buffer holds one batch plus the replies written meanwhile. A
+/// full buffer means the client sends but does not read: 4503, never more memory.
 fn write<S>(ws: &mut WebSocketStream<S>, message: impl Into<Message>) -> Result<(), Ending>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    ws.start_send_unpin(message.into())
-        .map_err(|_| Ending::PeerGone)
+    ws.start_send_unpin(message.into()).map_err(|e| match e {
+        WsError::WriteBufferFull(_) => Ending::Close(close::SLOW_CONSUMER, "slow consumer"),
+        _ => Ending::PeerGone,
+    })
+}
+
+/// The hard limit of one socket's write buffer (`max_write_buffer_size`) for
+/// frames of at most `max_message_bytes`: a batch ([`BATCH_BYTES`] plus its last
+/// frame), room for the replies and Pongs written while that batch drains, and
+/// the envelope fields around a message. Anything beyond is a client that does
+/// not read.
+pub fn write_buffer_limit(max_message_bytes: usize) -> usize {
+    BATCH_BYTES
+        .saturating_add(max_message_bytes.saturating_mul(2))
+        .saturating_add(64 * 1024)
+}
+
+/// The one answer to a client text frame (SPEC §4.2), and the claims that
+/// replace `current` when it was an accepted `refresh`. Pure, so every frame a
+/// client can send is tested without a socket.
+fn answer(text: &str, auth: &Authenticator, current: &Claims) -> (Utf8Bytes, Option<Claims>) {
+    let frame: ClientFrame = match serde_json::from_str(text) {
+        Ok(frame) => frame,
+        Err(_) => {
+            let reply = wire::error_frame(
+                "invalid_frame",
+                "frames must be JSON objects with a string \"type\"",
+            );
+            return (reply, None);
+        }
+    };
+    match frame.kind.as_str() {
+        "ping" => (wire::control("pong", json!({"ts": wire::timestamp()})), None),
+        "refresh" => match check_refresh(&frame.data, auth, current) {
+            Ok(claims) => (
+                wire::control("refreshed", json!({"exp": claims.exp})),
+                Some(claims),
+            ),
+            Err((code, message)) => (wire::error_frame(code, message), None),
+        },
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            let message = format!("unknown frame type '{shown}'");
+            (wire::error_frame("unknown_type", &message), None)
+        }
+    }
+}
+
+/// The claims of a refresh frame's token: it must be valid, for the same user,
+/// tenant and role (a refresh is no way to change who one is or promote
+/// oneself; a demoted admin reconnects with the new role), and expire later.
+fn check_refresh(
+    data: &serde_json::Value,
+    auth: &Authenticator,
+    current: &Claims,
+) -> Result<Claims, (&'static str, &'static str)> {
+    let token = data
+        .get("token")
+        .and_then(|t| t.as_str())
+        .ok_or(("invalid_frame", "refresh needs data.token"))?;
+    let claims = auth
+        .verify(token)
+        .map_err(|_| ("invalid_token", "token refused"))?;
+    if claims.sub != current.sub || claims.tenant != current.tenant || claims.role != current.role
+    {
+        return Err((
+            "token_mismatch",
+            "token is for another user, tenant or role",
+        ));
+    }
+    if claims.exp <= current.exp {
+        return Err((
+            "token_not_later",
+            "token does not expire later than the current one",
+        ));
+    }
+    Ok(claims)
 }
 
 fn read_failure(error: WsError) -> Ending {
@@ -483,7 +560,10 @@ fn read_failure(error: WsError) -> Ending {
 
 /// The instant a token with this `exp` (Unix seconds) stops being accepted.
 fn deadline_of(exp: u64, leeway: Duration) -> Instant {
-    let remaining = (exp + leeway.as_secs()).saturating_sub(unix_now());
+    // `exp` is the client's number: near u64::MAX a plain `+` wraps (or panics).
+    let remaining = exp
+        .saturating_add(leeway.as_secs())
+        .saturating_sub(unix_now());
     // Far-future tokens: cap so the timer arithmetic never overflows.
     Instant::now() + Duration::from_secs(remaining.min(10 * 365 * 86_400))
 }
@@ -533,5 +613,125 @@ mod tests {
         tokio::time::advance(Duration::from_millis(100)).await;
         assert!(bucket.take(Instant::now()));
         assert!(!bucket.take(Instant::now()));
+    }
+
+    #[test]
+    fn a_deadline_far_in_the_future_does_not_overflow() {
+        let deadline = deadline_of(u64::MAX, Duration::from_secs(30));
+        assert!(deadline > Instant::now() + Duration::from_secs(86_400));
+    }
+
+    /// Client frames (issue 8): whatever text a client sends, the handler gives
+    /// exactly one answer of a documented type, never panics, and only a valid
+    /// refresh for the same user, tenant and role replaces the claims.
+    mod frames {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::super::answer;
+        use crate::auth::{Authenticator, Claims, Role};
+        use crate::config::Settings;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,40}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::btree_map(".{0,12}", inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        struct World {
+            auth: Authenticator,
+            current: Claims,
+            /// Tokens a refresh may carry: good, other role, other user, older, garbage.
+            tokens: Vec<String>,
+        }
+
+        fn world() -> World {
+            let auth = Authenticator::new(&Settings::for_tests("/nonexistent")).unwrap();
+            let hour = std::time::Duration::from_secs(3600);
+            let current = Claims::new("u1", Role::Admin, "acme", hour);
+            let later = |sub: &str, role, tenant: &str| {
+                auth.mint(&Claims::new(sub, role, tenant, hour * 2))
+            };
+            let tokens = vec![
+                later("u1", Role::Admin, "acme"),
+                later("u1", Role::User, "acme"),
+                later("u2", Role::Admin, "acme"),
+                later("u1", Role::Admin, "other"),
+                auth.mint(&current),
+                "not.a.token".to_owned(),
+                String::new(),
+            ];
+            World {
+                auth,
+                current,
+                tokens,
+            }
+        }
+
+        fn frame_text() -> impl Strategy<Value = String> {
+            let kind = prop_oneof![
+                Just(Value::from("ping")),
+                Just(Value::from("refresh")),
+                Just(Value::from("subscribe")),
+                ".{0,80}".prop_map(Value::from),
+                json_value(),
+            ];
+            let data = prop_oneof![
+                json_value(),
+                (0..7usize).prop_map(|i| serde_json::json!({"token": i})),
+            ];
+            let object = (kind, data, any::<bool>()).prop_map(|(kind, data, with_data)| {
+                let mut frame = serde_json::json!({"type": kind});
+                if with_data {
+                    frame["data"] = data;
+                }
+                frame.to_string()
+            });
+            prop_oneof![".{0,200}", json_value().prop_map(|v| v.to_string()), object]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn every_text_frame_gets_exactly_one_documented_answer(text in frame_text()) {
+                let world = world();
+                // `{"token": i}` stands for the i-th prepared token.
+                let text = match serde_json::from_str::<Value>(&text) {
+                    Ok(mut v) => match v["data"]["token"].as_u64() {
+                        Some(i) => {
+                            v["data"]["token"] = world.tokens[i as usize].clone().into();
+                            v.to_string()
+                        }
+                        None => text,
+                    },
+                    Err(_) => text,
+                };
+                let (reply, refreshed) = answer(&text, &world.auth, &world.current);
+                let reply: Value = serde_json::from_str(reply.as_str()).expect("answers are JSON");
+                let kind = reply["type"].as_str().expect("a string type");
+                prop_assert!(["pong", "refreshed", "error"].contains(&kind), "{reply}");
+                if kind == "error" {
+                    prop_assert!(reply["data"]["code"].is_string() && reply["data"]["message"].is_string());
+                }
+                prop_assert_eq!(refreshed.is_some(), kind == "refreshed");
+                if let Some(claims) = refreshed {
+                    prop_assert_eq!(&claims.sub, &world.current.sub);
+                    prop_assert_eq!(&claims.tenant, &world.current.tenant);
+                    prop_assert_eq!(claims.role, world.current.role);
+                    prop_assert!(claims.exp > world.current.exp);
+                }
+            }
+        }
     }
 }

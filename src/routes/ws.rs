@@ -8,12 +8,15 @@
 //! A bad token still completes the upgrade (answering the `token` subprotocol, or
 //! a browser would fail the handshake) and is then closed with 4401, so a page
 //! can tell "log in again" from "server down".
+//!
+//! The query string is parsed here, not by warp's `query` filter: that filter
+//! logs the whole query at debug when it fails to parse, token included.
 
 use std::sync::Arc;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
+use percent_encoding::percent_decode_str;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -27,11 +30,61 @@ use crate::error::ApiError;
 use crate::hub::session::{self, close, Resume};
 
 /// Query parameters of the connect URL.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default)]
 struct ConnectQuery {
     token: Option<String>,
     since: Option<String>,
     epoch: Option<String>,
+}
+
+impl std::fmt::Debug for ConnectQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectQuery")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("since", &self.since)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl ConnectQuery {
+    /// Parses `a=b&c=d` (percent-encoded, `+` for space); unknown names and
+    /// undecodable values are ignored. `since` and `epoch` take their first
+    /// value; a repeated `token` is refused (no token), so no proxy or client
+    /// can disagree with us about which one counts.
+    fn parse(raw: &str) -> ConnectQuery {
+        let mut query = ConnectQuery::default();
+        let mut tokens = 0usize;
+        for pair in raw.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let (Some(name), Some(value)) = (decode(name), decode(value)) else {
+                continue;
+            };
+            match name.as_str() {
+                "token" => {
+                    tokens = tokens.saturating_add(1);
+                    query.token = (tokens == 1).then_some(value);
+                }
+                "since" => {
+                    query.since.get_or_insert(value);
+                }
+                "epoch" => {
+                    query.epoch.get_or_insert(value);
+                }
+                _ => {}
+            }
+        }
+        query
+    }
+}
+
+/// One form-encoded query component; `None` when it is not UTF-8.
+fn decode(component: &str) -> Option<String> {
+    let spaced = component.replace('+', " ");
+    percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 /// The outcome of checking a handshake, decided before the 101 is sent.
@@ -48,9 +101,10 @@ pub fn ws_connect(
         .and(warp::get())
         .and(warp::header::headers_cloned())
         .and(
-            warp::query::<ConnectQuery>()
-                .or(warp::any().map(ConnectQuery::default))
-                .unify(),
+            warp::query::raw()
+                .or(warp::any().map(String::new))
+                .unify()
+                .map(|raw: String| ConnectQuery::parse(&raw)),
         )
         .and(warp::ext::optional::<OnUpgrade>())
         .and(with_shared(shared))
@@ -221,4 +275,22 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConnectQuery;
+
+    #[test]
+    fn the_query_is_decoded_and_a_repeated_token_counts_as_none() {
+        let q = ConnectQuery::parse("token=a%2Eb+c&since=5&since=6&epoch=e&x");
+        assert_eq!(q.token.as_deref(), Some("a.b c"));
+        assert_eq!(q.since.as_deref(), Some("5"));
+        assert_eq!(q.epoch.as_deref(), Some("e"));
+        assert_eq!(ConnectQuery::parse("token=a&token=b&token=c").token, None);
+        assert_eq!(ConnectQuery::parse("token=%FF").token, None);
+        assert_eq!(ConnectQuery::parse("").token, None);
+        let shown = format!("{:?}", ConnectQuery::parse("token=secret"));
+        assert!(!shown.contains("secret"), "{shown}");
+    }
 }

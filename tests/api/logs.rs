@@ -17,19 +17,20 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::{ready_address, with_token_protocol, DataDir, WsClient, WAIT};
 
-/// A running `agentcast` process and everything it has written so far.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    output: Arc<Mutex<String>>,
+/// A running `agentcast` process and everything it has written so far (also
+/// used by `hardening_ws` to watch the process's memory).
+pub(crate) struct Binary {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) output: Arc<Mutex<String>>,
     readers: Vec<std::thread::JoinHandle<()>>,
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Binary {
     /// Starts the binary on a free port with `env` (and nothing inherited), and
     /// waits (bounded) for its "ready on" line.
-    fn start(data_dir: &Path, env: &[(&str, &str)]) -> Binary {
+    pub(crate) fn start(data_dir: &Path, env: &[(&str, &str)]) -> Binary {
         let mut command = Command::new(env!("CARGO_BIN_EXE_agentcast"));
         command
             .env_clear()
@@ -114,7 +115,7 @@ impl Binary {
     }
 
     /// SIGTERM, then waits (bounded) for the exit and the end of its output.
-    fn stop(mut self) -> String {
+    pub(crate) fn stop(mut self) -> String {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill")
             .args(["-TERM", &pid])
@@ -376,4 +377,63 @@ async fn a_generated_admin_password_is_logged_once_as_a_warning_and_works() {
         !second_output.contains(&password) && !second_output.contains("created the first account"),
         "a restart prints no password:\n{second_output}"
     );
+}
+
+/// Issue 8, finding 6: a connect query that does not parse (a repeated `token`
+/// or `since`) once made warp log the raw query, token included, at debug. At
+/// `RUST_LOG=trace`, every library's lines included, no token's signature
+/// appears: not from the query, the subprotocol, a refresh frame or a bearer header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_appears_in_the_trace_log_even_from_queries_that_do_not_parse() {
+    let dir = DataDir::new();
+    let secret = "JwtSecretValue0123456789abcdefXYZ";
+    let server = Binary::start(&dir.0, &[("JWT_SECRET", secret), ("RUST_LOG", "trace")]);
+    let mint = |sub: &str, ttl: i64| {
+        let claims = crate::helpers::claims(sub, agentcast::auth::Role::Admin, "default", ttl);
+        crate::helpers::sign(jsonwebtoken::Algorithm::HS256, secret, &claims)
+    };
+    let first = mint("alice", 600);
+    let second = mint("alice", 1200);
+    let third = mint("bob", 600);
+    let server_request = |query: &str| server.ws_url(query).into_client_request().unwrap();
+
+    // A repeated token: refused, and nothing logs the query.
+    let mut repeated = WsClient::open(server_request(&format!("?token=a&token={first}"))).await;
+    repeated.expect_close(4401).await;
+    // A repeated `since` (the token itself is good): connected, no resume.
+    let mut since = WsClient::open(server_request(&format!("?token={first}&since=x&since=2"))).await;
+    since.connected().await;
+    // An in-band refresh carries a token inside a frame.
+    since
+        .send_json(&json!({"type": "refresh", "data": {"token": second}}))
+        .await;
+    since.expect_type("refreshed").await;
+    since.close().await;
+    // A percent-encoded token, and a token in the subprotocol.
+    let encoded = third.replace('.', "%2E");
+    let mut by_query = WsClient::open(server_request(&format!("?token={encoded}"))).await;
+    by_query.connected().await;
+    by_query.close().await;
+    let mut by_protocol = WsClient::open(with_token_protocol(server_request(""), &third)).await;
+    by_protocol.connected().await;
+    by_protocol.close().await;
+    // Bearer headers on HTTP.
+    let response = server
+        .post(
+            "/api/v1/ws/broadcast",
+            Some(&third),
+            &json!({"type": "notification", "data": {}}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+
+    let output = server.stop();
+    assert!(output.contains("TRACE"), "trace logging was on:\n{output}");
+    for (what, token) in [("first", &first), ("second", &second), ("third", &third)] {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(
+            !output.contains(signature),
+            "the {what} token's signature appears in the log:\n{output}"
+        );
+    }
 }

@@ -13,6 +13,8 @@
 //! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts;
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
 //! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
+//! - `hardening_ws`: issue 8 findings on WebSockets and tokens (Ping flood, `iss`/`aud`,
+//!   `exp` overflow, refresh role, `nbf`);
 //! - `logs`: the real binary's log holds no password, token or key;
 //! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s).
 
@@ -20,6 +22,7 @@ mod accounts;
 mod api_keys;
 mod auth;
 mod durability;
+mod hardening_ws;
 mod helpers;
 mod http;
 mod limits;
