@@ -14,12 +14,15 @@
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
 //! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
 //! - `logs`: the real binary's log holds no password, token or key;
-//! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s).
+//! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s);
+//! - `hardening_http`: issue 8's HTTP and account findings (lockout, signup limit,
+//!   forged alerts, errors on keep-alive connections, loose validation).
 
 mod accounts;
 mod api_keys;
 mod auth;
 mod durability;
+mod hardening_http;
 mod helpers;
 mod http;
 mod limits;
