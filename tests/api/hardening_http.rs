@@ -12,7 +12,7 @@ use agentcast::config::Secret;
 use serde_json::{json, Value};
 
 use crate::accounts::{ADMIN_PASSWORD, LOGIN, SIGNUP};
-use crate::helpers::{assert_error, spawn_app_with, TestApp, WAIT};
+use crate::helpers::{assert_error, spawn_app, spawn_app_with, TestApp, WAIT};
 
 /// An HTTP client whose connections come from 127.0.0.`last`.
 fn client_from(last: u8) -> reqwest::Client {
@@ -161,4 +161,117 @@ async fn a_login_completes_while_a_signup_flood_is_in_flight() {
         statuses.iter().all(|s| [201, 503].contains(s)),
         "signups were answered: {statuses:?} ({still_running} still running at the login)"
     );
+}
+
+// ---- finding 9: nobody forges a security alert ------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_security_alert_is_422() {
+    let app = spawn_app().await;
+    let admin = app.admin_token();
+    let forged = json!({"type": "system", "data": {
+        "message": "API key 'deploy' created by admin", "level": "warning", "category": "security",
+    }});
+    for path in [
+        "/api/v1/ws/broadcast".to_owned(),
+        format!("/api/v1/ws/user/{}", "alice"),
+    ] {
+        let response = app.post_json(&path, Some(&admin), &forged).await;
+        let body = assert_error(response, 422, &format!("forged alert to {path}")).await;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("data.category"), "{message}");
+    }
+    // Other categories still pass, and so do the server's own alerts.
+    app.broadcast(
+        "system",
+        json!({"message": "deploy done", "level": "info", "category": "deploys"}),
+    )
+    .await;
+    let mut socket = app.connect(&admin).await;
+    socket.connected().await;
+    let response = app
+        .post_json("/api/v1/api-keys", Some(&admin), &json!({"name": "deploy"}))
+        .await;
+    assert_eq!(response.status(), 201, "key created");
+    let alert = socket.expect_type("system").await;
+    assert_eq!(alert["data"]["category"], "security", "{alert}");
+}
+
+// ---- finding 12: loose validation ---------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_optional_fields_are_422_naming_the_field() {
+    let app = spawn_app().await;
+    let admin = app.admin_token();
+    let cases = [
+        (
+            "task_update",
+            json!({"task_id": "t1", "status": "running", "progress": null}),
+            "data.progress",
+        ),
+        (
+            "task_update",
+            json!({"task_id": "t1", "status": "running", "query": null}),
+            "data.query",
+        ),
+        (
+            "agent_update",
+            json!({"agent_id": "a1", "action": "updated", "name": null}),
+            "data.name",
+        ),
+        (
+            "system",
+            json!({"message": "m", "level": null}),
+            "data.level",
+        ),
+    ];
+    for (kind, data, field) in cases {
+        let response = app
+            .post_broadcast(&admin, &json!({"type": kind, "data": data}))
+            .await;
+        let body = assert_error(response, 422, &format!("{kind} with {field}: null")).await;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(field),
+            "{kind}: the message names {field}: {message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_value_followed_by_garbage_is_400() {
+    let app = spawn_app().await;
+    let admin = app.admin_token();
+    let bodies: [&[u8]; 4] = [
+        b"\"\"\0",
+        br#"{"type":"a"} x"#,
+        br#"{"type":"a"}{"type":"b"}"#,
+        b"{\"type\":\"a\"}\0",
+    ];
+    for body in bodies {
+        let response = app
+            .post_raw(
+                "/api/v1/ws/broadcast",
+                Some(&admin),
+                Some("application/json"),
+                body.to_vec(),
+            )
+            .await;
+        assert_error(
+            response,
+            400,
+            &format!("{:?}", String::from_utf8_lossy(body)),
+        )
+        .await;
+    }
+    // Valid JSON of the wrong shape stays 422.
+    let response = app
+        .post_raw(
+            "/api/v1/ws/broadcast",
+            Some(&admin),
+            Some("application/json"),
+            br#"["a", null, null]"#.to_vec(),
+        )
+        .await;
+    assert_error(response, 422, "an array body").await;
 }
