@@ -160,6 +160,10 @@ pub struct AccountArgs {
     #[arg(long, env = "LOGIN_WINDOW", default_value = "15m", value_parser = parse_duration)]
     pub login_window: Duration,
 
+    /// Signups allowed per client IP per hour (beyond: 429 with Retry-After).
+    #[arg(long, env = "SIGNUPS_PER_HOUR", default_value_t = 5)]
+    pub signups_per_hour: u32,
+
     /// Header holding the client IP set by a reverse proxy (e.g. Fly-Client-IP,
     /// X-Forwarded-For). Only set it when every request comes through that
     /// proxy: otherwise clients can forge it. Unset: the TCP peer address.
@@ -175,6 +179,7 @@ pub struct AccountSettings {
     pub token_ttl: Duration,
     pub login_max_failures: u32,
     pub login_window: Duration,
+    pub signups_per_hour: u32,
     /// Lowercase header name; `None` trusts only the TCP peer address.
     pub trusted_proxy_header: Option<warp::http::HeaderName>,
 }
@@ -195,13 +200,15 @@ impl AccountSettings {
             token_ttl: args.token_ttl,
             login_max_failures: args.login_max_failures,
             login_window: args.login_window,
+            signups_per_hour: args.signups_per_hour,
             trusted_proxy_header,
         };
         settings.validate()?;
         Ok(settings)
     }
 
-    /// Signup on, 12 h tokens, 10 failures in 15 minutes, no proxy header.
+    /// Signup on, 12 h tokens, 10 failures in 15 minutes, 5 signups per IP an
+    /// hour, no proxy header.
     pub fn for_tests() -> AccountSettings {
         AccountSettings {
             admin_password: None,
@@ -209,6 +216,7 @@ impl AccountSettings {
             token_ttl: Duration::from_secs(12 * 3600),
             login_max_failures: 10,
             login_window: Duration::from_secs(15 * 60),
+            signups_per_hour: 5,
             trusted_proxy_header: None,
         }
     }
@@ -234,6 +242,9 @@ impl AccountSettings {
         }
         if self.login_window.is_zero() {
             return invalid("LOGIN_WINDOW must be above 0");
+        }
+        if self.signups_per_hour == 0 {
+            return invalid("SIGNUPS_PER_HOUR must be at least 1 (SIGNUP=off turns signup off)");
         }
         Ok(())
     }
@@ -583,6 +594,7 @@ mod tests {
         assert_eq!(defaults.token_ttl, Duration::from_secs(12 * 3600));
         assert_eq!(defaults.login_max_failures, 10);
         assert_eq!(defaults.login_window, Duration::from_secs(900));
+        assert_eq!(defaults.signups_per_hour, 5);
         assert!(!parse(&["--signup", "off"]).unwrap().signup);
         assert!(parse(&["--signup", "on"]).unwrap().signup);
         assert!(parse(&["--signup", "maybe"]).is_err());

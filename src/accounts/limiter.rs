@@ -1,6 +1,14 @@
-//! The failed-login limiter (SPEC §2): at most `max_failures` failed logins per
-//! client IP and per username within `window`; beyond, 429 with `Retry-After`.
+//! The attempt limiter behind failed logins and signups (SPEC §2): at most
+//! `max_failures` counted attempts per key within `window`; beyond, 429 with
+//! `Retry-After`.
 //!
+//! - **What blocks.** Logins count against the client IP and against the
+//!   username *from that IP* ([`LimitKey::UserAtIp`]); either one reaching the
+//!   limit blocks. A username alone ([`LimitKey::User`]) never blocks: if it
+//!   did, anyone could lock the owner (admin included) out by failing from
+//!   many addresses. Its count only *slows* further attempts, by
+//!   [`SLOWDOWN_STEP`] per failure past the limit, at most [`MAX_SLOWDOWN`].
+//!   Signups count per IP alone.
 //! - **Counted up front.** [`LoginLimiter::begin`] counts an attempt as a failure
 //!   before the password is checked, and [`LoginLimiter::succeeded`] takes it
 //!   back. So a burst of parallel guesses cannot slip past the limit while
@@ -9,13 +17,14 @@
 //! - **Fixed windows.** A key's window opens at its first failure and lasts
 //!   `window`; a blocked key is blocked until that window ends, which is the
 //!   `Retry-After`. Refused attempts do not extend it.
-//! - **Bounded.** At most [`MAX_ENTRIES`] keys (~10 MiB). A full table first
+//! - **Bounded.** At most [`MAX_ENTRIES`] keys (~16 MiB). A full table first
 //!   drops expired windows, then the keys with the fewest failures: a flood of
-//!   one-off usernames or addresses evicts itself, not the key being guessed at,
-//!   which has many failures.
+//!   one-off usernames or addresses evicts itself, not the keys being guessed
+//!   at, which have many failures. The same holds for every key kind, since
+//!   each attempt counts once per key.
 //! - **IPv6** addresses count per /64, the block one host usually holds.
 //!
-//! Success clears the username's count but gives back only the one attempt of
+//! Success clears the username's counts but gives back only the one attempt of
 //! the IP: logging into one's own account must not reset the IP's count for
 //! guesses at other accounts.
 
@@ -27,35 +36,66 @@ use std::time::{Duration, Instant};
 /// Keys the limiter tracks at most.
 pub const MAX_ENTRIES: usize = 65_536;
 
-/// What failures are counted against.
+/// Delay added per failure of a username (from anywhere) past the limit.
+pub const SLOWDOWN_STEP: Duration = Duration::from_millis(200);
+
+/// The longest a login of a username under attack is slowed: enough to make a
+/// distributed guess slower, short enough that the owner barely notices.
+pub const MAX_SLOWDOWN: Duration = Duration::from_secs(2);
+
+/// What attempts are counted against.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LimitKey {
-    /// A client address (IPv6 cut to its /64).
+    /// A client address (IPv6 cut to its /64). Blocks.
     Ip(IpAddr),
-    /// A username of a tenant, lowercased (usernames are case-insensitive).
+    /// A username of a tenant tried from one address. Blocks.
+    UserAtIp {
+        tenant: String,
+        username: String,
+        ip: IpAddr,
+    },
+    /// A username of a tenant, from any address. Slows, never blocks.
     User { tenant: String, username: String },
 }
 
 impl LimitKey {
     pub fn ip(ip: IpAddr) -> LimitKey {
-        let ip = match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                    IpAddr::V6(bits.into())
-                }
-            },
-            v4 => v4,
-        };
-        LimitKey::Ip(ip)
+        LimitKey::Ip(network_of(ip))
     }
 
+    /// Usernames are case-insensitive: counted lowercased.
     pub fn user(tenant: &str, username: &str) -> LimitKey {
         LimitKey::User {
             tenant: tenant.to_owned(),
             username: username.to_ascii_lowercase(),
         }
+    }
+
+    pub fn user_at_ip(tenant: &str, username: &str, ip: IpAddr) -> LimitKey {
+        LimitKey::UserAtIp {
+            tenant: tenant.to_owned(),
+            username: username.to_ascii_lowercase(),
+            ip: network_of(ip),
+        }
+    }
+
+    /// Whether reaching the limit refuses attempts (else it only slows them).
+    fn blocks(&self) -> bool {
+        !matches!(self, LimitKey::User { .. })
+    }
+}
+
+/// The address a client is counted as: IPv4 as is (mapped IPv6 too), IPv6 per /64.
+fn network_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -65,9 +105,11 @@ struct Window {
     failures: u32,
 }
 
-/// Failed logins per key; one short lock per attempt.
+/// Failed attempts per key; one short lock per attempt.
 #[derive(Debug)]
 pub struct LoginLimiter {
+    /// What is limited, for the log line when a key reaches the limit.
+    what: &'static str,
     max_failures: u32,
     window: Duration,
     capacity: usize,
@@ -79,8 +121,17 @@ impl LoginLimiter {
         LoginLimiter::with_capacity(max_failures, window, MAX_ENTRIES)
     }
 
+    /// A limiter whose log line names `what` it limits (e.g. "signups").
+    pub fn named(what: &'static str, max_failures: u32, window: Duration) -> LoginLimiter {
+        LoginLimiter {
+            what,
+            ..LoginLimiter::new(max_failures, window)
+        }
+    }
+
     fn with_capacity(max_failures: u32, window: Duration, capacity: usize) -> LoginLimiter {
         LoginLimiter {
+            what: "login failures",
             max_failures: max_failures.max(1),
             window,
             capacity: capacity.max(4),
@@ -88,19 +139,30 @@ impl LoginLimiter {
         }
     }
 
-    /// Admits an attempt and counts it as a failure for every key, or refuses
-    /// it with the time until the longest block among `keys` ends.
-    pub fn begin(&self, keys: &[LimitKey], now: Instant) -> Result<(), Duration> {
+    /// Admits an attempt and counts it as a failure for every key, answering
+    /// how long to slow it down (zero unless a [`LimitKey::User`] is past the
+    /// limit); or refuses it with the time until the longest block among the
+    /// blocking `keys` ends.
+    pub fn begin(&self, keys: &[LimitKey], now: Instant) -> Result<Duration, Duration> {
         let mut windows = self.lock();
+        let live = |key: &LimitKey| windows.get(key).filter(|w| !self.expired(w, now));
         let blocked = keys
             .iter()
-            .filter_map(|key| windows.get(key))
-            .filter(|w| !self.expired(w, now) && w.failures >= self.max_failures)
+            .filter(|key| key.blocks())
+            .filter_map(live)
+            .filter(|w| w.failures >= self.max_failures)
             .map(|w| (w.opened + self.window).saturating_duration_since(now))
             .max();
         if let Some(wait) = blocked {
             return Err(wait);
         }
+        let slowdown = keys
+            .iter()
+            .filter(|key| !key.blocks())
+            .filter_map(live)
+            .map(|w| self.slowdown(w.failures))
+            .max()
+            .unwrap_or(Duration::ZERO);
         for key in keys {
             if !windows.contains_key(key) && windows.len() >= self.capacity {
                 self.make_room(&mut windows, now);
@@ -115,20 +177,27 @@ impl LoginLimiter {
                     failures: 0,
                 };
             }
-            window.failures += 1;
+            window.failures = window.failures.saturating_add(1);
             if window.failures == self.max_failures {
-                tracing::warn!(key = ?key, "login failures reached the limit; refusing logins for this key until its window ends");
+                let what = self.what;
+                if key.blocks() {
+                    tracing::warn!(key = ?key, "{what} reached the limit; refusing more from this key until its window ends");
+                } else {
+                    tracing::warn!(key = ?key, "{what} reached the limit for this username from many addresses; slowing its logins");
+                }
             }
         }
-        Ok(())
+        Ok(slowdown)
     }
 
     /// The attempt admitted by [`LoginLimiter::begin`] succeeded: forget the
-    /// username's failures and give back the attempt counted for `ip`.
-    pub fn succeeded(&self, user: &LimitKey, ip: Option<&LimitKey>) {
+    /// failures of `clear` and give back the attempt counted for `give_back`.
+    pub fn succeeded(&self, clear: &[LimitKey], give_back: Option<&LimitKey>) {
         let mut windows = self.lock();
-        windows.remove(user);
-        if let Some(window) = ip.and_then(|ip| windows.get_mut(ip)) {
+        for key in clear {
+            windows.remove(key);
+        }
+        if let Some(window) = give_back.and_then(|key| windows.get_mut(key)) {
             window.failures = window.failures.saturating_sub(1);
         }
     }
@@ -140,6 +209,12 @@ impl LoginLimiter {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// [`SLOWDOWN_STEP`] per failure from the limit on, capped at [`MAX_SLOWDOWN`].
+    fn slowdown(&self, failures: u32) -> Duration {
+        let past = failures.saturating_sub(self.max_failures.saturating_sub(1));
+        SLOWDOWN_STEP.saturating_mul(past).min(MAX_SLOWDOWN)
     }
 
     fn expired(&self, window: &Window, now: Instant) -> bool {
@@ -184,11 +259,24 @@ mod tests {
         LimitKey::ip(IpAddr::from([10, 0, 0, last]))
     }
 
+    fn addr(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    /// The keys a login of `username` from 10.0.0.`from` counts against.
+    fn login(username: &str, from: u8) -> [LimitKey; 3] {
+        [
+            ip(from),
+            LimitKey::user_at_ip("default", username, addr(from)),
+            LimitKey::user("default", username),
+        ]
+    }
+
     #[test]
     fn the_limit_blocks_until_the_window_ends() {
         let limiter = LoginLimiter::new(3, WINDOW);
         let t0 = Instant::now();
-        let keys = [ip(1), LimitKey::user("default", "alice")];
+        let keys = login("alice", 1);
         for _ in 0..3 {
             assert!(limiter.begin(&keys, t0).is_ok());
         }
@@ -206,52 +294,70 @@ mod tests {
     }
 
     #[test]
-    fn username_and_ip_count_separately() {
+    fn username_at_ip_and_ip_block_but_the_username_alone_does_not() {
         let limiter = LoginLimiter::new(2, WINDOW);
         let now = Instant::now();
-        let alice = LimitKey::user("default", "Alice");
         for _ in 0..2 {
-            limiter.begin(&[ip(1), alice.clone()], now).unwrap();
+            limiter.begin(&login("Alice", 1), now).unwrap();
         }
-        // The username is blocked from anywhere, in any case.
-        assert!(limiter
-            .begin(&[ip(2), LimitKey::user("default", "ALICE")], now)
-            .is_err());
+        // The username from that address is blocked, in any case.
+        assert!(limiter.begin(&login("ALICE", 1), now).is_err());
         // The address is blocked for every username.
-        assert!(limiter
-            .begin(&[ip(1), LimitKey::user("default", "bob")], now)
-            .is_err());
-        // Others are not.
-        assert!(limiter
-            .begin(&[ip(3), LimitKey::user("default", "bob")], now)
-            .is_ok());
+        assert!(limiter.begin(&login("bob", 1), now).is_err());
+        // The username from another address is not (finding 2 of issue 8).
+        assert!(limiter.begin(&login("alice", 2), now).is_ok());
+        // Nor are others.
+        assert!(limiter.begin(&login("bob", 3), now).is_ok());
         assert!(limiter
             .begin(&[ip(4), LimitKey::user("acme", "alice")], now)
             .is_ok());
     }
 
     #[test]
+    fn failures_from_many_addresses_slow_a_username_boundedly_never_lock_it() {
+        let limiter = LoginLimiter::new(10, WINDOW);
+        let now = Instant::now();
+        let mut slowdowns = Vec::new();
+        for from in 1..=200u8 {
+            slowdowns.push(limiter.begin(&login("admin", from), now));
+        }
+        assert!(slowdowns.iter().all(Result::is_ok), "never refused");
+        let slowdowns: Vec<Duration> = slowdowns.into_iter().flatten().collect();
+        assert!(
+            slowdowns[..10].iter().all(Duration::is_zero),
+            "{slowdowns:?}"
+        );
+        assert_eq!(slowdowns[10], SLOWDOWN_STEP);
+        assert!(slowdowns.windows(2).all(|w| w[0] <= w[1]), "grows");
+        assert_eq!(slowdowns.last(), Some(&MAX_SLOWDOWN), "capped");
+        // The owner from a fresh address, slowed at most MAX_SLOWDOWN.
+        assert_eq!(limiter.begin(&login("admin", 250), now), Ok(MAX_SLOWDOWN));
+    }
+
+    #[test]
     fn success_clears_the_username_but_not_the_address() {
         let limiter = LoginLimiter::new(3, WINDOW);
         let now = Instant::now();
-        let mallory = LimitKey::user("default", "mallory");
-        let alice = LimitKey::user("default", "alice");
-        limiter.begin(&[ip(1), alice.clone()], now).unwrap();
-        limiter.begin(&[ip(1), alice.clone()], now).unwrap();
-        limiter.begin(&[ip(1), mallory.clone()], now).unwrap();
-        limiter.succeeded(&mallory, Some(&ip(1)));
+        let [ip1, alice_at_1, alice] = login("alice", 1);
+        let [_, mallory_at_1, mallory] = login("mallory", 1);
+        limiter.begin(&login("alice", 1), now).unwrap();
+        limiter.begin(&login("alice", 1), now).unwrap();
+        limiter.begin(&login("mallory", 1), now).unwrap();
+        limiter.succeeded(&[mallory_at_1, mallory], Some(&ip1));
         // ip(1) has 2 failures left on record, alice 2: one more each is allowed.
-        limiter.begin(&[ip(1), alice.clone()], now).unwrap();
-        assert!(limiter.begin(&[ip(1), mallory.clone()], now).is_err());
+        limiter.begin(&login("alice", 1), now).unwrap();
+        assert!(limiter.begin(&login("mallory", 1), now).is_err());
+        limiter.succeeded(&[alice_at_1, alice], None);
+        assert!(limiter.begin(&login("alice", 2), now).is_ok());
     }
 
     #[test]
     fn parallel_attempts_are_counted_before_their_outcome() {
         let limiter = LoginLimiter::new(10, WINDOW);
         let now = Instant::now();
-        let key = [LimitKey::user("default", "alice")];
+        let keys = login("alice", 1);
         let admitted = (0..100)
-            .filter(|_| limiter.begin(&key, now).is_ok())
+            .filter(|_| limiter.begin(&keys, now).is_ok())
             .count();
         assert_eq!(admitted, 10);
     }
@@ -263,6 +369,10 @@ mod tests {
         let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
         assert_eq!(LimitKey::ip(a), LimitKey::ip(b));
         assert_ne!(LimitKey::ip(a), LimitKey::ip(c));
+        assert_eq!(
+            LimitKey::user_at_ip("t", "u", a),
+            LimitKey::user_at_ip("t", "U", b)
+        );
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         assert_eq!(LimitKey::ip(mapped), ip(1));
     }
@@ -271,13 +381,19 @@ mod tests {
     fn the_table_is_bounded_and_a_flood_evicts_itself_not_the_target() {
         let limiter = LoginLimiter::with_capacity(5, WINDOW, 100);
         let now = Instant::now();
-        let target = [LimitKey::user("default", "alice")];
+        let target = login("alice", 1);
         for _ in 0..4 {
             limiter.begin(&target, now).unwrap();
         }
-        for n in 0..10_000 {
-            let junk = LimitKey::user("default", &format!("junk{n}"));
-            limiter.begin(&[junk], now).unwrap();
+        for n in 0..10_000u32 {
+            let from = IpAddr::from(n.to_be_bytes());
+            let junk = format!("junk{n}");
+            let keys = [
+                LimitKey::ip(from),
+                LimitKey::user_at_ip("default", &junk, from),
+                LimitKey::user("default", &junk),
+            ];
+            limiter.begin(&keys, now).unwrap();
             assert!(limiter.len() <= 100);
         }
         limiter.begin(&target, now).unwrap();

@@ -4,9 +4,14 @@
 //!
 //! Password hashing is the expensive part: argon2id takes tens of
 //! milliseconds of a core and ~19 MiB per call. It runs on the blocking pool
-//! (the store helpers), and at most one call per core at once
-//! ([`Accounts::hash`] / [`Accounts::verify`]); a request that cannot get a
-//! turn within [`HASH_QUEUE_WAIT`] gets 503 instead of piling up memory.
+//! (the store helpers), and at most one call per core at once for logins
+//! ([`Accounts::verify`]) and one per two cores for signups
+//! ([`Accounts::hash`]), from two separate pools of permits: a signup flood
+//! waits for its own permits and never queues a login behind it. A request
+//! that cannot get a turn within [`HASH_QUEUE_WAIT`] gets 503 instead of
+//! piling up memory. Signups are also limited per client IP
+//! (`SIGNUPS_PER_HOUR`), failed logins per IP and per username-and-IP (see
+//! [`limiter`]).
 //!
 //! Which client a login comes from: the TCP peer address, unless
 //! `TRUSTED_PROXY_HEADER` names a header a reverse proxy sets (fly.io:
@@ -16,14 +21,14 @@
 
 mod limiter;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OnceCell, Semaphore};
 use warp::http::HeaderMap;
 
-pub use limiter::{LimitKey, LoginLimiter};
+pub use limiter::{LimitKey, LoginLimiter, MAX_SLOWDOWN};
 
 use crate::auth::{random_token, valid_tenant, AuthError, Claims, Role};
 use crate::config::AccountSettings;
@@ -42,13 +47,25 @@ pub const ADMIN_USERNAME: &str = "admin";
 /// Longest a request waits for its turn at argon2 before a 503.
 pub const HASH_QUEUE_WAIT: Duration = Duration::from_secs(10);
 
+/// The window `SIGNUPS_PER_HOUR` counts in.
+pub const SIGNUP_WINDOW: Duration = Duration::from_secs(3600);
+
+/// The address logins and signups of an unknown client are counted against
+/// (only in-process callers have none: every HTTP request has a peer).
+const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
 /// Signup, login and the bootstrap admin, over the store.
 pub struct Accounts {
     store: Store,
     settings: AccountSettings,
     limiter: LoginLimiter,
-    /// One permit per argon2 call allowed at once.
-    hashing: Arc<Semaphore>,
+    /// Signups per client IP per hour.
+    signup_limiter: LoginLimiter,
+    /// One permit per argon2 verification (login) allowed at once.
+    login_hashing: Arc<Semaphore>,
+    /// One permit per argon2 hash of a signup allowed at once: a pool of its
+    /// own, so that signups never take the permits logins wait for.
+    signup_hashing: Arc<Semaphore>,
     /// A hash of a random password, verified against when the username is
     /// unknown so that a login takes as long whether or not it exists.
     dummy_hash: Arc<OnceCell<String>>,
@@ -72,8 +89,14 @@ impl Accounts {
         let accounts = Accounts {
             store,
             limiter: LoginLimiter::new(settings.login_max_failures, settings.login_window),
+            signup_limiter: LoginLimiter::named(
+                "signups",
+                settings.signups_per_hour,
+                SIGNUP_WINDOW,
+            ),
             settings,
-            hashing: Arc::new(Semaphore::new(cores.clamp(1, 8))),
+            login_hashing: Arc::new(Semaphore::new(cores.clamp(1, 8))),
+            signup_hashing: Arc::new(Semaphore::new((cores / 2).clamp(1, 4))),
             dummy_hash: Arc::new(OnceCell::new()),
         };
         let dummy = accounts.dummy_hash.clone();
@@ -125,13 +148,24 @@ impl Accounts {
     }
 
     /// A new `user` account of tenant `default`: 403 when signup is off, 422
-    /// for a bad username or weak password, 409 when the name is taken.
-    pub async fn signup(&self, username: &str, password: &str) -> Result<User, ApiError> {
+    /// for a bad username or weak password, 429 past `SIGNUPS_PER_HOUR` from
+    /// the client IP, 409 when the name is taken. Every attempt that reaches
+    /// argon2 counts, taken names included: they cost as much.
+    pub async fn signup(
+        &self,
+        ip: Option<IpAddr>,
+        username: &str,
+        password: &str,
+    ) -> Result<User, ApiError> {
         if !self.settings.signup {
             return Err(ApiError::Forbidden("signup is disabled on this server"));
         }
         validate_username(username).map_err(ApiError::from_store)?;
         validate_password(password).map_err(ApiError::from_store)?;
+        let ip_key = LimitKey::ip(ip.unwrap_or(UNKNOWN_CLIENT));
+        self.signup_limiter
+            .begin(std::slice::from_ref(&ip_key), Instant::now())
+            .map_err(too_many)?;
         let hash = self.hash(password.to_owned()).await?;
         let user = self
             .store
@@ -149,7 +183,8 @@ impl Accounts {
 
     /// The account whose password this is. The same 401 for an unknown user
     /// and a wrong password, after the same argon2 work; 429 once the client
-    /// IP or the username has failed too often.
+    /// IP, or the username from that IP, has failed too often. A username that
+    /// failed from many addresses is only slowed (at most [`MAX_SLOWDOWN`]).
     pub async fn login(
         &self,
         ip: Option<IpAddr>,
@@ -159,14 +194,31 @@ impl Accounts {
     ) -> Result<User, ApiError> {
         let tenant = tenant.unwrap_or(DEFAULT_TENANT);
         let plausible = valid_tenant(tenant) && validate_username(username).is_ok();
-        let ip_key = ip.map(LimitKey::ip);
-        let user_key = plausible.then(|| LimitKey::user(tenant, username));
-        let keys: Vec<LimitKey> = ip_key.iter().chain(user_key.iter()).cloned().collect();
-        self.limiter
+        let ip = ip.unwrap_or(UNKNOWN_CLIENT);
+        let ip_key = LimitKey::ip(ip);
+        // An implausible username cannot be anyone's: only the IP counts.
+        let user_keys: Vec<LimitKey> = if plausible {
+            vec![
+                LimitKey::user_at_ip(tenant, username, ip),
+                LimitKey::user(tenant, username),
+            ]
+        } else {
+            Vec::new()
+        };
+        let keys: Vec<LimitKey> = std::iter::once(ip_key.clone())
+            .chain(user_keys.iter().cloned())
+            .collect();
+        let slowdown = self
+            .limiter
             .begin(&keys, Instant::now())
-            .map_err(|wait| ApiError::TooManyRequests {
-                retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-            })?;
+            .map_err(too_many)?;
+        if !slowdown.is_zero() {
+            tracing::debug!(
+                ?slowdown,
+                "login slowed: the username failed from many addresses"
+            );
+            tokio::time::sleep(slowdown).await;
+        }
         let refused = || ApiError::Unauthorized(AuthError::BadLogin);
         // Nobody's password is empty or longer than the limit: no need to look.
         if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
@@ -185,9 +237,9 @@ impl Accounts {
             None => (self.dummy_hash().await?, None),
         };
         let matches = self.verify(hash, password.to_owned()).await?;
-        match (matches, user, user_key) {
-            (true, Some(user), Some(user_key)) => {
-                self.limiter.succeeded(&user_key, ip_key.as_ref());
+        match (matches, user) {
+            (true, Some(user)) if plausible => {
+                self.limiter.succeeded(&user_keys, Some(&ip_key));
                 tracing::debug!(user = %user.id, username = %user.username, "login");
                 Ok(user)
             }
@@ -241,26 +293,20 @@ impl Accounts {
         from_proxy.or(peer.map(|p| p.ip()))
     }
 
-    /// argon2id of `password`, waiting for a free core.
+    /// argon2id of a signup's `password`, waiting for a signup permit.
     async fn hash(&self, password: String) -> Result<String, ApiError> {
-        let _permit = self.hashing_turn().await?;
+        let _permit =
+            hashing_turn(&self.signup_hashing, "too many signups at once, try again").await?;
         hash_password_async(password)
             .await
             .map_err(ApiError::from_store)
     }
 
-    /// Whether `password` matches `hash`, waiting for a free core.
+    /// Whether `password` matches `hash`, waiting for a login permit.
     async fn verify(&self, hash: String, password: String) -> Result<bool, ApiError> {
-        let _permit = self.hashing_turn().await?;
+        let _permit =
+            hashing_turn(&self.login_hashing, "too many logins at once, try again").await?;
         Ok(verify_password_async(hash, password).await)
-    }
-
-    async fn hashing_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-        let busy = || ApiError::Unavailable("too many logins at once, try again".to_owned());
-        tokio::time::timeout(HASH_QUEUE_WAIT, self.hashing.acquire())
-            .await
-            .map_err(|_| busy())?
-            .map_err(|_| busy())
     }
 
     async fn dummy_hash(&self) -> Result<String, ApiError> {
@@ -269,6 +315,25 @@ impl Accounts {
             .await
             .cloned()
             .map_err(ApiError::from_store)
+    }
+}
+
+/// A permit of `pool` within [`HASH_QUEUE_WAIT`], else 503 saying `busy`.
+async fn hashing_turn<'a>(
+    pool: &'a Semaphore,
+    busy: &'static str,
+) -> Result<tokio::sync::SemaphorePermit<'a>, ApiError> {
+    let busy = || ApiError::Unavailable(busy.to_owned());
+    tokio::time::timeout(HASH_QUEUE_WAIT, pool.acquire())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())
+}
+
+/// 429 with the wait rounded up to whole seconds (`Retry-After`).
+fn too_many(wait: Duration) -> ApiError {
+    ApiError::TooManyRequests {
+        retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
     }
 }
 
@@ -316,7 +381,10 @@ mod tests {
     async fn unknown_users_and_wrong_passwords_get_the_same_error() {
         let dir = TempDir::new();
         let accounts = accounts(&dir, |_| {});
-        accounts.signup("alice", "correct horse").await.unwrap();
+        accounts
+            .signup(None, "alice", "correct horse")
+            .await
+            .unwrap();
         let wrong = accounts.login(None, None, "alice", "wrong horse").await;
         let unknown = accounts.login(None, None, "nobody", "wrong horse").await;
         let (Err(wrong), Err(unknown)) = (wrong, unknown) else {
@@ -324,6 +392,49 @@ mod tests {
         };
         assert_eq!(wrong.status(), unknown.status());
         assert_eq!(wrong.to_string(), unknown.to_string());
+    }
+
+    #[tokio::test]
+    async fn logins_do_not_wait_for_signup_permits() {
+        let dir = TempDir::new();
+        let accounts = accounts(&dir, |s| {
+            s.admin_password = Some(crate::config::Secret::new("correct horse"))
+        });
+        accounts.bootstrap_admin("http://x/").await.unwrap();
+        // A signup flood holds every signup permit...
+        let all = accounts.signup_hashing.available_permits();
+        let _flood = accounts
+            .signup_hashing
+            .acquire_many(u32::try_from(all).unwrap())
+            .await
+            .unwrap();
+        assert!(accounts.login_hashing.available_permits() > 0);
+        // ...and a login still gets its turn at argon2 (with one shared pool it
+        // would wait HASH_QUEUE_WAIT and get 503).
+        let admin = accounts
+            .login(None, None, "admin", "correct horse")
+            .await
+            .expect("the login does not queue behind signups");
+        assert_eq!(admin.role, Role::Admin);
+    }
+
+    #[tokio::test]
+    async fn signups_are_limited_per_address() {
+        let dir = TempDir::new();
+        let accounts = accounts(&dir, |s| s.signups_per_hour = 2);
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        accounts.signup(a, "alice", "correct horse").await.unwrap();
+        // A taken name costs argon2 too: it counts.
+        let taken = accounts.signup(a, "alice", "correct horse").await;
+        assert!(matches!(taken, Err(ApiError::Conflict(_))), "{taken:?}");
+        let third = accounts.signup(a, "carol", "correct horse").await;
+        assert!(
+            matches!(third, Err(ApiError::TooManyRequests { retry_after_s }) if (1..=3600).contains(&retry_after_s)),
+            "{third:?}"
+        );
+        // Another address is not limited.
+        accounts.signup(b, "carol", "correct horse").await.unwrap();
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub fn auth_signup(
         .and(warp::post())
         .and(signup_open(shared.clone()))
         .and(json_body::<SignupBody>(AUTH_BODY_LIMIT))
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::header::headers_cloned())
         .and(with_shared(shared))
         .and_then(signup)
 }
@@ -91,10 +93,16 @@ pub fn auth_me(
         .and_then(me)
 }
 
-async fn signup(body: SignupBody, shared: Arc<Shared>) -> Result<impl Reply, Rejection> {
+async fn signup(
+    body: SignupBody,
+    peer: Option<PeerAddr>,
+    headers: HeaderMap,
+    shared: Arc<Shared>,
+) -> Result<impl Reply, Rejection> {
+    let ip = shared.accounts.client_ip(peer.map(|p| p.0), &headers);
     let user = shared
         .accounts
-        .signup(&body.username, &body.password)
+        .signup(ip, &body.username, &body.password)
         .await
         .map_err(warp::reject::custom)?;
     Ok(warp::reply::with_status(

@@ -91,19 +91,25 @@ where
     Ok(bytes)
 }
 
-fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// 400 for a body that is not one JSON value (empty, malformed, or followed by
+/// anything but whitespace), 422 for JSON of the wrong shape.
+pub(crate) fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest("body is empty".into()));
     }
-    let parsed = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::Unprocessable(e.to_string()),
-        _ => ApiError::BadRequest(format!("body is not valid JSON: {e}")),
-    })?;
+    // Syntax first, without building anything: deserializing `T` stops at the
+    // first value of the wrong shape (`""` then a NUL byte is a string, not an
+    // object) and would answer 422 for a body that is not JSON at all.
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
     // serde also fills a struct from an array of its fields; a body is an object.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::Unprocessable("body must be a JSON object".into()));
     }
-    Ok(parsed)
+    // The syntax is sound, so whatever fails now is the shape, even where
+    // serde_json files it under syntax (an array longer than a struct's fields
+    // is "trailing characters"): 422.
+    serde_json::from_slice(bytes).map_err(|e| ApiError::Unprocessable(e.to_string()))
 }
 
 #[cfg(test)]
@@ -144,7 +150,25 @@ mod tests {
             parse(br#"["a", null]"#),
             Err(ApiError::Unprocessable(_))
         ));
-        assert!(parse(b" \n{\"type\": \"a\"}").is_ok());
+        assert!(parse(b" \n{\"type\": \"a\"}\n").is_ok());
+        // A value followed by anything but whitespace is not JSON (issue 8, finding 12).
+        for garbage in [
+            &b"\"\"\0"[..],
+            b"{\"type\":\"a\"} x",
+            b"{\"type\":\"a\"}{}",
+            b"5 5",
+        ] {
+            assert!(
+                matches!(parse(garbage), Err(ApiError::BadRequest(_))),
+                "{:?}",
+                String::from_utf8_lossy(garbage)
+            );
+        }
+        // Valid JSON of the wrong shape is 422 whatever serde_json calls it.
+        assert!(matches!(
+            parse(br#"["", null, null]"#),
+            Err(ApiError::Unprocessable(_))
+        ));
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(parse(format!(r#"{{"type":"a","data":{deep}}}"#).as_bytes()).is_err());
     }

@@ -16,12 +16,15 @@
 //! - `hardening_ws`: issue 8 findings on WebSockets and tokens (Ping flood, `iss`/`aud`,
 //!   `exp` overflow, refresh role, `nbf`);
 //! - `logs`: the real binary's log holds no password, token or key;
-//! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s).
+//! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s);
+//! - `hardening_http`: issue 8's HTTP and account findings (lockout, signup limit,
+//!   forged alerts, errors on keep-alive connections, loose validation).
 
 mod accounts;
 mod api_keys;
 mod auth;
 mod durability;
+mod hardening_http;
 mod hardening_ws;
 mod helpers;
 mod http;
