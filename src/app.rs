@@ -75,6 +75,7 @@ pub async fn serve(
     let hub = Hub::new(
         Limits {
             history_size: settings.history_size,
+            history_bytes: settings.history_bytes,
             send_queue: settings.send_queue,
             max_connections: settings.max_connections,
             max_connections_per_user: settings.max_connections_per_user,
@@ -82,7 +83,7 @@ pub async fn serve(
         metrics,
         logs.clone(),
     );
-    hub.restore(load_logs(logs, settings.history_size).await?);
+    hub.restore(load_logs(logs, settings.history_size, settings.history_bytes).await?);
     let shutdown = Shutdown::new();
     let sessions = Arc::new(SessionConfig {
         hub: hub.clone(),
@@ -190,6 +191,7 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
     let data_dir = settings.data_dir.clone();
     let options = StoreOptions {
         history_size: settings.history_size,
+        history_bytes: settings.history_bytes,
         durability: match settings.store_sync {
             StoreSync::Full => Durability::Full,
             StoreSync::Normal => Durability::Normal,
@@ -201,11 +203,16 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
         .map_err(AppError::from)
 }
 
-/// Every stored tenant log with its newest `history` messages, read off the
-/// async threads; the hub serves resumes from them as if it never stopped.
-async fn load_logs(logs: LogStore, history: usize) -> Result<Vec<(String, TenantLog)>, AppError> {
+/// Every stored tenant log with its newest `history` messages (at most
+/// `history_bytes` of them), read off the async threads; the hub serves
+/// resumes from them as if it never stopped.
+async fn load_logs(
+    logs: LogStore,
+    history: usize,
+    history_bytes: usize,
+) -> Result<Vec<(String, TenantLog)>, AppError> {
     let started = std::time::Instant::now();
-    let loaded = tokio::task::spawn_blocking(move || logs.load(history))
+    let loaded = tokio::task::spawn_blocking(move || logs.load(history, history_bytes))
         .await
         .map_err(|e| StoreError::Io(format!("log load task failed: {e}")))??;
     let messages: usize = loaded.iter().map(|(_, log)| log.len()).sum();

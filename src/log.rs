@@ -31,9 +31,14 @@ pub struct TenantLog {
     /// never lowered past a seq that reached the store, so a seq whose append
     /// failed after queueing is skipped (a hole), never reused.
     next: u64,
-    /// The newest `capacity` messages, oldest first.
+    /// The newest messages, oldest first: at most `capacity` of them and at
+    /// most `max_bytes` of frame text (`HISTORY_SIZE`, `HISTORY_BYTES`),
+    /// whichever is reached first; the newest one is kept whatever its size.
     history: VecDeque<Arc<Envelope>>,
     capacity: usize,
+    max_bytes: usize,
+    /// Frame text held in `history`, kept beside it so a push trims in O(1).
+    bytes: usize,
 }
 
 /// What a resuming connection gets: the frames to replay and the summary frame.
@@ -46,32 +51,30 @@ pub struct Replay {
 }
 
 impl TenantLog {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         TenantLog {
             epoch: uuid::Uuid::new_v4().simple().to_string(),
             head: 0,
             next: 1,
             history: VecDeque::new(),
             capacity,
+            max_bytes,
+            bytes: 0,
         }
     }
 
     /// A log rebuilt from the store: its epoch, committed head and newest
     /// messages (oldest first, seqs increasing; older ones beyond `capacity`
-    /// are dropped).
+    /// or `max_bytes` are dropped).
     pub fn restore(
         epoch: String,
         head: u64,
         history: impl IntoIterator<Item = Arc<Envelope>>,
         capacity: usize,
+        max_bytes: usize,
     ) -> Self {
-        let mut log = TenantLog {
-            epoch,
-            head: 0,
-            next: 1,
-            history: VecDeque::new(),
-            capacity,
-        };
+        let mut log = TenantLog::new(capacity, max_bytes);
+        log.epoch = epoch;
         for envelope in history {
             log.push(envelope);
         }
@@ -92,6 +95,11 @@ impl TenantLog {
     /// Messages kept in history.
     pub fn len(&self) -> usize {
         self.history.len()
+    }
+
+    /// Frame text kept in history, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -131,10 +139,16 @@ impl TenantLog {
         }
         self.head = envelope.seq;
         self.next = self.next.max(envelope.seq + 1);
-        if self.history.len() == self.capacity {
-            self.history.pop_front();
-        }
+        self.bytes = self.bytes.saturating_add(envelope.text.len());
         self.history.push_back(envelope);
+        // Never below one message: the newest stays even if it alone is over.
+        while self.history.len() > 1
+            && (self.history.len() > self.capacity || self.bytes > self.max_bytes)
+        {
+            if let Some(oldest) = self.history.pop_front() {
+                self.bytes = self.bytes.saturating_sub(oldest.text.len());
+            }
+        }
     }
 
     /// Takes the store's word for this log's epoch and head, when they
@@ -144,6 +158,7 @@ impl TenantLog {
         if epoch != self.epoch {
             self.epoch = epoch;
             self.history.clear();
+            self.bytes = 0;
         }
         self.head = self.head.max(head);
         self.next = self.next.max(self.head + 1);
@@ -191,7 +206,7 @@ mod tests {
 
     #[test]
     fn resume_replays_only_what_is_addressed_after_since() {
-        let mut log = TenantLog::new(100);
+        let mut log = TenantLog::new(100, usize::MAX);
         publish(&mut log, Target::Broadcast);
         publish(&mut log, Target::User("bob".into()));
         publish(&mut log, Target::User("alice".into()));
@@ -208,7 +223,7 @@ mod tests {
 
     #[test]
     fn resume_is_incomplete_past_history_or_with_another_epoch() {
-        let mut log = TenantLog::new(3);
+        let mut log = TenantLog::new(3, usize::MAX);
         for _ in 0..10 {
             publish(&mut log, Target::Broadcast);
         }
@@ -229,7 +244,7 @@ mod tests {
 
     #[test]
     fn assigned_seqs_stay_invisible_until_committed() {
-        let mut log = TenantLog::new(100);
+        let mut log = TenantLog::new(100, usize::MAX);
         let (a, b) = (log.assign(), log.assign());
         assert_eq!((a, b, log.head()), (1, 2, 0));
         let epoch = log.epoch().to_owned();
@@ -245,7 +260,7 @@ mod tests {
 
     #[test]
     fn only_a_never_queued_last_seq_is_given_back() {
-        let mut log = TenantLog::new(100);
+        let mut log = TenantLog::new(100, usize::MAX);
         let first = log.assign();
         log.unassign(first);
         assert_eq!(log.assign(), 1, "a refused seq is handed out again");
@@ -259,7 +274,7 @@ mod tests {
 
     #[test]
     fn a_failed_seq_is_a_hole_that_resume_steps_over() {
-        let mut log = TenantLog::new(100);
+        let mut log = TenantLog::new(100, usize::MAX);
         for _ in 0..3 {
             log.assign();
         }
@@ -279,9 +294,84 @@ mod tests {
         assert_eq!(log.assign(), 4);
     }
 
+    /// A broadcast whose frame text is `len` bytes or a little more.
+    fn sized(seq: u64, len: usize) -> Arc<Envelope> {
+        let data = serde_json::json!({ "pad": "x".repeat(len) });
+        Arc::new(Envelope::encode(
+            "t",
+            &data,
+            "id",
+            seq,
+            "ts",
+            Target::Broadcast,
+        ))
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes_before_count() {
+        let frame = sized(10, 4096).text.len();
+        // Room for 10 frames by count, 4 by bytes.
+        let mut log = TenantLog::new(10, 4 * frame + frame / 2);
+        for seq in 1..=40 {
+            log.assign();
+            log.push(sized(seq, 4096));
+        }
+        assert_eq!(log.len(), 4);
+        assert_eq!(log.bytes(), 4 * frame);
+        let epoch = log.epoch().to_owned();
+        let replay = log.resume(0, &epoch, "u", Role::User);
+        assert!(!replay.complete, "bytes trimming lost seqs 1..=36");
+        assert_eq!(
+            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [37, 38, 39, 40]
+        );
+        assert!(log.resume(36, &epoch, "u", Role::User).complete);
+        // The count bound still holds when it is the smaller one.
+        let mut log = TenantLog::new(2, usize::MAX);
+        for seq in 1..=5 {
+            log.push(sized(seq, 10));
+        }
+        assert_eq!(log.len(), 2);
+    }
+
+    #[test]
+    fn the_newest_message_stays_even_above_the_byte_bound() {
+        let mut log = TenantLog::new(10, 100);
+        log.push(sized(1, 10));
+        log.push(sized(2, 500));
+        assert_eq!(log.len(), 1);
+        let epoch = log.epoch().to_owned();
+        let replay = log.resume(1, &epoch, "u", Role::User);
+        assert!(replay.complete);
+        assert_eq!(replay.entries.len(), 1);
+        log.adopt("other".into(), 2);
+        assert_eq!((log.len(), log.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn restore_obeys_the_byte_bound() {
+        let frame = sized(10, 1000).text.len();
+        let log = TenantLog::restore(
+            "e".into(),
+            20,
+            (1..=20).map(|s| sized(s, 1000)),
+            100,
+            3 * frame,
+        );
+        assert_eq!((log.head(), log.len(), log.bytes()), (20, 3, 3 * frame));
+        assert!(!log.resume(0, "e", "u", Role::User).complete);
+        assert!(log.resume(17, "e", "u", Role::User).complete);
+    }
+
     #[test]
     fn restore_continues_above_the_stored_head() {
-        let log = TenantLog::restore("e".into(), 9, (5..=7).map(Envelope::for_test), 2);
+        let log = TenantLog::restore(
+            "e".into(),
+            9,
+            (5..=7).map(Envelope::for_test),
+            2,
+            usize::MAX,
+        );
         assert_eq!((log.epoch(), log.head(), log.len()), ("e", 9, 2));
         let mut log = log;
         assert_eq!(log.assign(), 10);
@@ -291,7 +381,7 @@ mod tests {
 
     #[test]
     fn adopting_the_stores_epoch_drops_the_cached_history() {
-        let mut log = TenantLog::new(10);
+        let mut log = TenantLog::new(10, usize::MAX);
         log.assign();
         log.push(Envelope::for_test(1));
         let epoch = log.epoch().to_owned();

@@ -61,6 +61,8 @@ struct Inner {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub history_size: usize,
+    /// `HISTORY_BYTES`: frame text kept per tenant, beside `history_size`.
+    pub history_bytes: usize,
     pub send_queue: usize,
     pub max_connections: usize,
     pub max_connections_per_user: usize,
@@ -389,8 +391,12 @@ impl Hub {
 
     /// The tenant's state, created on first use (so a tenant costs nothing until then).
     fn state<'a>(&self, guard: &'a mut MutexGuard<'_, Option<TenantState>>) -> &'a mut TenantState {
-        guard
-            .get_or_insert_with(|| TenantState::new(TenantLog::new(self.inner.limits.history_size)))
+        guard.get_or_insert_with(|| {
+            TenantState::new(TenantLog::new(
+                self.inner.limits.history_size,
+                self.inner.limits.history_bytes,
+            ))
+        })
     }
 }
 
@@ -474,6 +480,7 @@ mod tests {
     fn hub(per_user: usize, total: usize) -> Hub {
         let limits = Limits {
             history_size: 100,
+            history_bytes: usize::MAX,
             send_queue: 16,
             max_connections: total,
             max_connections_per_user: per_user,
@@ -589,6 +596,7 @@ mod tests {
         fn durable_hub(store: &Store, send_queue: usize) -> Hub {
             let limits = Limits {
                 history_size: 100,
+                history_bytes: usize::MAX,
                 send_queue,
                 max_connections: 100,
                 max_connections_per_user: 5,
@@ -598,7 +606,9 @@ mod tests {
                 Arc::new(Metrics::new()),
                 LogStore::Sqlite(store.clone()),
             );
-            let logs = LogStore::Sqlite(store.clone()).load(100).unwrap();
+            let logs = LogStore::Sqlite(store.clone())
+                .load(100, usize::MAX)
+                .unwrap();
             hub.restore(logs);
             hub
         }

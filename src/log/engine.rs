@@ -111,13 +111,18 @@ impl LogStore {
         }
     }
 
-    /// Every stored tenant log, rebuilt with its newest `history` messages.
+    /// Every stored tenant log, rebuilt with its newest `history` messages
+    /// of at most `history_bytes` in all.
     /// Blocking (reads the whole history): call it in `spawn_blocking`.
-    pub fn load(&self, history: usize) -> Result<Vec<(String, TenantLog)>, StoreError> {
+    pub fn load(
+        &self,
+        history: usize,
+        history_bytes: usize,
+    ) -> Result<Vec<(String, TenantLog)>, StoreError> {
         let LogStore::Sqlite(store) = self else {
             return Ok(Vec::new());
         };
-        let logs = store.load_logs(history)?;
+        let logs = store.load_logs(history, history_bytes)?;
         Ok(logs
             .into_iter()
             .map(|stored| {
@@ -130,7 +135,13 @@ impl LogStore {
                         published_at: loaded_at,
                     })
                 });
-                let log = TenantLog::restore(stored.epoch, stored.head, envelopes, history);
+                let log = TenantLog::restore(
+                    stored.epoch,
+                    stored.head,
+                    envelopes,
+                    history,
+                    history_bytes,
+                );
                 (stored.tenant, log)
             })
             .collect())

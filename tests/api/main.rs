@@ -25,6 +25,7 @@ mod api_keys;
 mod auth;
 mod durability;
 mod hardening_http;
+mod hardening_store;
 mod hardening_ws;
 mod helpers;
 mod http;
