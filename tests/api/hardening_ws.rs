@@ -39,7 +39,11 @@ fn raw_websocket(addr: SocketAddr, token: &str) -> TcpStream {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).expect("read the 101"), 1, "EOF in the handshake");
+        assert_eq!(
+            stream.read(&mut byte).expect("read the 101"),
+            1,
+            "EOF in the handshake"
+        );
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head);
@@ -111,14 +115,22 @@ async fn a_ping_flood_that_never_reads_is_closed_and_memory_stays_bounded() {
         "ping flood: RSS baseline {baseline} KiB, peak {peak} KiB, growth {} KiB; {closed}/{SOCKETS} sockets closed",
         peak - baseline
     );
-    assert_eq!(closed, SOCKETS, "every flooding socket is closed by the server");
+    assert_eq!(
+        closed, SOCKETS,
+        "every flooding socket is closed by the server"
+    );
     assert!(
         peak - baseline < GROWTH_LIMIT_KIB,
         "RSS grew by {} KiB (baseline {baseline} KiB, peak {peak} KiB)",
         peak - baseline
     );
     // The server is still fine.
-    let health = server.http.get(format!("http://{}/health", server.addr)).send().await.unwrap();
+    let health = server
+        .http
+        .get(format!("http://{}/health", server.addr))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     server.stop();
 }
@@ -151,7 +163,10 @@ async fn a_token_not_yet_valid_is_refused_with_401_and_4401() {
         &app,
         &json!({"sub": "admin", "role": "admin", "exp": now + 7200, "nbf": now - 5}),
     );
-    assert_eq!(app.post_broadcast(&valid, &notification()).await.status(), 202);
+    assert_eq!(
+        app.post_broadcast(&valid, &notification()).await.status(),
+        202
+    );
     app.connect_ready(&valid).await.0.assert_alive().await;
 }
 
@@ -167,8 +182,14 @@ async fn a_token_expiring_near_u64_max_connects_and_stays_open() {
         client.assert_alive().await;
         client.close().await;
     }
-    let admin = sign_for(&app, &json!({"sub": "admin", "role": "admin", "exp": u64::MAX}));
-    assert_eq!(app.post_broadcast(&admin, &notification()).await.status(), 202);
+    let admin = sign_for(
+        &app,
+        &json!({"sub": "admin", "role": "admin", "exp": u64::MAX}),
+    );
+    assert_eq!(
+        app.post_broadcast(&admin, &notification()).await.status(),
+        202
+    );
 }
 
 /// Finding 8: a refresh may not change the role; the error leaves the
@@ -209,8 +230,16 @@ async fn a_refresh_with_another_role_is_refused_and_a_proper_one_still_works() {
 async fn an_hs256_token_with_aud_is_accepted_unless_it_names_another_audience() {
     let exp = now_s() + 600;
     let app = spawn_app().await;
-    let with_aud = sign_for(&app, &json!({"sub": "admin", "role": "admin", "exp": exp, "aud": "anything"}));
-    assert_eq!(app.post_broadcast(&with_aud, &notification()).await.status(), 202);
+    let with_aud = sign_for(
+        &app,
+        &json!({"sub": "admin", "role": "admin", "exp": exp, "aud": "anything"}),
+    );
+    assert_eq!(
+        app.post_broadcast(&with_aud, &notification())
+            .await
+            .status(),
+        202
+    );
     app.connect_ready(&with_aud).await.0.assert_alive().await;
 
     let app = spawn_app_with(|s| s.jwt_audience = Some("agentcast".into())).await;
@@ -227,10 +256,15 @@ async fn an_hs256_token_with_aud_is_accepted_unless_it_names_another_audience() 
         (json!("other-app"), 401),
         (json!(["other-app"]), 401),
     ] {
-        let response = app.post_broadcast(&admin(aud.clone()), &notification()).await;
+        let response = app
+            .post_broadcast(&admin(aud.clone()), &notification())
+            .await;
         assert_eq!(response.status(), status, "aud {aud}");
     }
-    app.connect(&admin(json!("other-app"))).await.expect_close(4401).await;
+    app.connect(&admin(json!("other-app")))
+        .await
+        .expect_close(4401)
+        .await;
 }
 
 /// A 2048-bit RSA key made for these tests only (`openssl genpkey`), standing
@@ -303,12 +337,21 @@ async fn external_tokens_must_carry_the_configured_issuer_and_audience() {
         rs256(&claims)
     };
     let good = token(Some("https://idp.example"), Some("agentcast"));
-    assert_eq!(app.post_broadcast(&good, &notification()).await.status(), 202);
+    assert_eq!(
+        app.post_broadcast(&good, &notification()).await.status(),
+        202
+    );
     app.connect_ready(&good).await.0.assert_alive().await;
 
     for (what, bad) in [
-        ("another issuer", token(Some("https://evil.example"), Some("agentcast"))),
-        ("another audience", token(Some("https://idp.example"), Some("billing"))),
+        (
+            "another issuer",
+            token(Some("https://evil.example"), Some("agentcast")),
+        ),
+        (
+            "another audience",
+            token(Some("https://idp.example"), Some("billing")),
+        ),
         ("no issuer", token(None, Some("agentcast"))),
         ("no audience", token(Some("https://idp.example"), None)),
     ] {
