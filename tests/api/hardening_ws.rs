@@ -27,7 +27,11 @@ fn masked_ping() -> Vec<u8> {
 
 /// Opens a WebSocket by hand and reads exactly the 101 response, nothing more.
 fn raw_websocket(addr: SocketAddr, token: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).expect("connect to the binary");
+    upgrade(TcpStream::connect(addr).expect("connect"), addr, token)
+}
+
+/// The WebSocket handshake over `stream`, reading exactly the 101 response.
+fn upgrade(mut stream: TcpStream, addr: SocketAddr, token: &str) -> TcpStream {
     stream.set_read_timeout(Some(WAIT)).unwrap();
     stream.set_write_timeout(Some(WAIT)).unwrap();
     let request = format!(
@@ -380,4 +384,51 @@ fn a_public_key_without_issuer_and_audience_is_a_configuration_error() {
     settings.jwt_issuer = Some("i".into());
     settings.jwt_audience = Some("a".into());
     settings.validate().expect("valid with both");
+}
+
+/// Finding 1, the slower path: answers to text frames within the frame rate
+/// (here made unlimited) pile up for a client that never reads. The socket's
+/// write buffer is bounded, so the server closes it as a slow consumer (4503)
+/// instead of growing; before the fix the connection stayed open and grew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_a_client_that_never_reads_end_in_a_slow_consumer_close() {
+    let app = spawn_app_with(|s| {
+        s.client_frame_rate = 1e9;
+        s.client_frame_burst = 1e9;
+        s.max_message_bytes = 256;
+    })
+    .await;
+    // A small receive buffer, so the kernel holds little of what we never read.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(app.addr).await.unwrap().into_std().unwrap();
+    tcp.set_nonblocking(false).unwrap();
+    let socket = upgrade(tcp, app.addr, &app.user_token("reader-never"));
+    // Each frame is answered by an `error` naming its (64-character) type.
+    let payload = format!(r#"{{"type":"{}"}}"#, "x".repeat(64));
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload.as_bytes());
+    let burst = frame.repeat(1024);
+    let flooder = std::thread::spawn(move || {
+        let mut socket = socket;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if socket.write_all(&burst).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let closed = crate::helpers::wait_until(Duration::from_secs(30), async || {
+        app.stat("slow_consumer_disconnects").await == 1
+    })
+    .await;
+    assert!(
+        closed,
+        "the server closed the socket as a slow consumer (4503)"
+    );
+    let ended = tokio::task::spawn_blocking(move || flooder.join().unwrap())
+        .await
+        .unwrap();
+    assert!(ended, "the server ended the connection");
 }
