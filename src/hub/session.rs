@@ -499,7 +499,10 @@ fn answer(text: &str, auth: &Authenticator, current: &Claims) -> (Utf8Bytes, Opt
         }
     };
     match frame.kind.as_str() {
-        "ping" => (wire::control("pong", json!({"ts": wire::timestamp()})), None),
+        "ping" => (
+            wire::control("pong", json!({"ts": wire::timestamp()})),
+            None,
+        ),
         "refresh" => match check_refresh(&frame.data, auth, current) {
             Ok(claims) => (
                 wire::control("refreshed", json!({"exp": claims.exp})),
@@ -530,8 +533,7 @@ fn check_refresh(
     let claims = auth
         .verify(token)
         .map_err(|_| ("invalid_token", "token refused"))?;
-    if claims.sub != current.sub || claims.tenant != current.tenant || claims.role != current.role
-    {
+    if claims.sub != current.sub || claims.tenant != current.tenant || claims.role != current.role {
         return Err((
             "token_mismatch",
             "token is for another user, tenant or role",

@@ -27,7 +27,11 @@ fn masked_ping() -> Vec<u8> {
 
 /// Opens a WebSocket by hand and reads exactly the 101 response, nothing more.
 fn raw_websocket(addr: SocketAddr, token: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).expect("connect to the binary");
+    upgrade(TcpStream::connect(addr).expect("connect"), addr, token)
+}
+
+/// The WebSocket handshake over `stream`, reading exactly the 101 response.
+fn upgrade(mut stream: TcpStream, addr: SocketAddr, token: &str) -> TcpStream {
     stream.set_read_timeout(Some(WAIT)).unwrap();
     stream.set_write_timeout(Some(WAIT)).unwrap();
     let request = format!(
@@ -39,7 +43,11 @@ fn raw_websocket(addr: SocketAddr, token: &str) -> TcpStream {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).expect("read the 101"), 1, "EOF in the handshake");
+        assert_eq!(
+            stream.read(&mut byte).expect("read the 101"),
+            1,
+            "EOF in the handshake"
+        );
         head.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&head);
@@ -111,14 +119,22 @@ async fn a_ping_flood_that_never_reads_is_closed_and_memory_stays_bounded() {
         "ping flood: RSS baseline {baseline} KiB, peak {peak} KiB, growth {} KiB; {closed}/{SOCKETS} sockets closed",
         peak - baseline
     );
-    assert_eq!(closed, SOCKETS, "every flooding socket is closed by the server");
+    assert_eq!(
+        closed, SOCKETS,
+        "every flooding socket is closed by the server"
+    );
     assert!(
         peak - baseline < GROWTH_LIMIT_KIB,
         "RSS grew by {} KiB (baseline {baseline} KiB, peak {peak} KiB)",
         peak - baseline
     );
     // The server is still fine.
-    let health = server.http.get(format!("http://{}/health", server.addr)).send().await.unwrap();
+    let health = server
+        .http
+        .get(format!("http://{}/health", server.addr))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     server.stop();
 }
@@ -151,7 +167,10 @@ async fn a_token_not_yet_valid_is_refused_with_401_and_4401() {
         &app,
         &json!({"sub": "admin", "role": "admin", "exp": now + 7200, "nbf": now - 5}),
     );
-    assert_eq!(app.post_broadcast(&valid, &notification()).await.status(), 202);
+    assert_eq!(
+        app.post_broadcast(&valid, &notification()).await.status(),
+        202
+    );
     app.connect_ready(&valid).await.0.assert_alive().await;
 }
 
@@ -167,8 +186,14 @@ async fn a_token_expiring_near_u64_max_connects_and_stays_open() {
         client.assert_alive().await;
         client.close().await;
     }
-    let admin = sign_for(&app, &json!({"sub": "admin", "role": "admin", "exp": u64::MAX}));
-    assert_eq!(app.post_broadcast(&admin, &notification()).await.status(), 202);
+    let admin = sign_for(
+        &app,
+        &json!({"sub": "admin", "role": "admin", "exp": u64::MAX}),
+    );
+    assert_eq!(
+        app.post_broadcast(&admin, &notification()).await.status(),
+        202
+    );
 }
 
 /// Finding 8: a refresh may not change the role; the error leaves the
@@ -209,8 +234,16 @@ async fn a_refresh_with_another_role_is_refused_and_a_proper_one_still_works() {
 async fn an_hs256_token_with_aud_is_accepted_unless_it_names_another_audience() {
     let exp = now_s() + 600;
     let app = spawn_app().await;
-    let with_aud = sign_for(&app, &json!({"sub": "admin", "role": "admin", "exp": exp, "aud": "anything"}));
-    assert_eq!(app.post_broadcast(&with_aud, &notification()).await.status(), 202);
+    let with_aud = sign_for(
+        &app,
+        &json!({"sub": "admin", "role": "admin", "exp": exp, "aud": "anything"}),
+    );
+    assert_eq!(
+        app.post_broadcast(&with_aud, &notification())
+            .await
+            .status(),
+        202
+    );
     app.connect_ready(&with_aud).await.0.assert_alive().await;
 
     let app = spawn_app_with(|s| s.jwt_audience = Some("agentcast".into())).await;
@@ -227,10 +260,15 @@ async fn an_hs256_token_with_aud_is_accepted_unless_it_names_another_audience() 
         (json!("other-app"), 401),
         (json!(["other-app"]), 401),
     ] {
-        let response = app.post_broadcast(&admin(aud.clone()), &notification()).await;
+        let response = app
+            .post_broadcast(&admin(aud.clone()), &notification())
+            .await;
         assert_eq!(response.status(), status, "aud {aud}");
     }
-    app.connect(&admin(json!("other-app"))).await.expect_close(4401).await;
+    app.connect(&admin(json!("other-app")))
+        .await
+        .expect_close(4401)
+        .await;
 }
 
 /// A 2048-bit RSA key made for these tests only (`openssl genpkey`), standing
@@ -303,12 +341,21 @@ async fn external_tokens_must_carry_the_configured_issuer_and_audience() {
         rs256(&claims)
     };
     let good = token(Some("https://idp.example"), Some("agentcast"));
-    assert_eq!(app.post_broadcast(&good, &notification()).await.status(), 202);
+    assert_eq!(
+        app.post_broadcast(&good, &notification()).await.status(),
+        202
+    );
     app.connect_ready(&good).await.0.assert_alive().await;
 
     for (what, bad) in [
-        ("another issuer", token(Some("https://evil.example"), Some("agentcast"))),
-        ("another audience", token(Some("https://idp.example"), Some("billing"))),
+        (
+            "another issuer",
+            token(Some("https://evil.example"), Some("agentcast")),
+        ),
+        (
+            "another audience",
+            token(Some("https://idp.example"), Some("billing")),
+        ),
         ("no issuer", token(None, Some("agentcast"))),
         ("no audience", token(Some("https://idp.example"), None)),
     ] {
@@ -337,4 +384,51 @@ fn a_public_key_without_issuer_and_audience_is_a_configuration_error() {
     settings.jwt_issuer = Some("i".into());
     settings.jwt_audience = Some("a".into());
     settings.validate().expect("valid with both");
+}
+
+/// Finding 1, the slower path: answers to text frames within the frame rate
+/// (here made unlimited) pile up for a client that never reads. The socket's
+/// write buffer is bounded, so the server closes it as a slow consumer (4503)
+/// instead of growing; before the fix the connection stayed open and grew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_a_client_that_never_reads_end_in_a_slow_consumer_close() {
+    let app = spawn_app_with(|s| {
+        s.client_frame_rate = 1e9;
+        s.client_frame_burst = 1e9;
+        s.max_message_bytes = 256;
+    })
+    .await;
+    // A small receive buffer, so the kernel holds little of what we never read.
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(app.addr).await.unwrap().into_std().unwrap();
+    tcp.set_nonblocking(false).unwrap();
+    let socket = upgrade(tcp, app.addr, &app.user_token("reader-never"));
+    // Each frame is answered by an `error` naming its (64-character) type.
+    let payload = format!(r#"{{"type":"{}"}}"#, "x".repeat(64));
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload.as_bytes());
+    let burst = frame.repeat(1024);
+    let flooder = std::thread::spawn(move || {
+        let mut socket = socket;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if socket.write_all(&burst).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let closed = crate::helpers::wait_until(Duration::from_secs(30), async || {
+        app.stat("slow_consumer_disconnects").await == 1
+    })
+    .await;
+    assert!(
+        closed,
+        "the server closed the socket as a slow consumer (4503)"
+    );
+    let ended = tokio::task::spawn_blocking(move || flooder.join().unwrap())
+        .await
+        .unwrap();
+    assert!(ended, "the server ended the connection");
 }
