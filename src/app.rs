@@ -2,12 +2,23 @@
 //! the shutdown future resolves, then drains in order: stop accepting, close every
 //! WebSocket with 1012, let in-flight HTTP requests finish, return. HTTP
 //! connections and WebSocket sessions are both tracked by [`Shutdown`].
+//!
+//! Every request's body is read to its end, or the response says
+//! `Connection: close` ([`finish_request_body`]): hyper closes a kept-alive
+//! connection whose request body was left unread, without saying so, and most
+//! refusals (401, 403, 404, 405, 415) happen before any route reads the body.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, CONNECTION, EXPECT};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -35,6 +46,12 @@ const WS_READ_BUFFER: usize = 512;
 const WS_WRITE_BUFFER: usize = 64 * 1024;
 /// A client must send its request headers within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of a request body no route read that are read and thrown away
+/// so the connection stays usable; a longer body closes the connection.
+const UNREAD_BODY_DRAIN: usize = 1 << 20;
+/// Longest the rest of an unread request body is waited for before the
+/// response goes out with `Connection: close`.
+const UNREAD_BODY_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -144,12 +161,20 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
-        let handler = hyper::service::service_fn(
-            move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(PeerAddr(peer));
-                hyper::service::Service::call(&TowerToHyperService::new(service.clone()), request)
-            },
-        );
+        let handler = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(PeerAddr(peer));
+            let expects_continue = parts.headers.contains_key(EXPECT);
+            let body = SharedBody::new(body);
+            let request = hyper::Request::from_parts(parts, body.clone());
+            let response =
+                hyper::service::Service::call(&TowerToHyperService::new(service.clone()), request);
+            async move {
+                let mut response = response.await?;
+                finish_request_body(&body, expects_continue, &mut response).await;
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -184,6 +209,98 @@ pub async fn serve(
     // Last: every acknowledged write is committed and the WAL checkpointed.
     store.close().await;
     Ok(())
+}
+
+/// A request body the routes read through, while the accept loop keeps a
+/// handle to it: whatever the routes leave unread is still there to drain
+/// once the response is ready.
+#[derive(Clone)]
+struct SharedBody(Arc<Mutex<Option<Incoming>>>);
+
+impl SharedBody {
+    fn new(body: Incoming) -> SharedBody {
+        SharedBody(Arc::new(Mutex::new(Some(body))))
+    }
+
+    /// The body as it is now, unless nothing is left of it.
+    fn take_unread(&self) -> Option<Incoming> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.take().filter(|body| !body.is_end_stream())
+    }
+}
+
+impl Body for SharedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Never contended: the route polls it, and the accept loop only takes
+        // it once the route has answered.
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// Before `response` goes out: reads and discards what the routes left of the
+/// request body (at most [`UNREAD_BODY_DRAIN`] bytes within
+/// [`UNREAD_BODY_WAIT`]), or, for a body longer, slower, or awaiting
+/// `100 Continue`, marks the response `Connection: close`. Without either,
+/// hyper drops the connection after the response without saying so, and a
+/// client's next request on it fails (issue 8, finding 10).
+async fn finish_request_body<B>(
+    body: &SharedBody,
+    expects_continue: bool,
+    response: &mut hyper::Response<B>,
+) {
+    let Some(mut unread) = body.take_unread() else {
+        return;
+    };
+    // A client waiting for `100 Continue` has not sent the body: asking for it
+    // only to discard it would waste its upload. A chunked body has no
+    // declared length: the byte count below bounds it.
+    let declared_too_long = unread
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n > UNREAD_BODY_DRAIN as u64);
+    let drained = !expects_continue
+        && !declared_too_long
+        && tokio::time::timeout(UNREAD_BODY_WAIT, async {
+            let mut seen = 0usize;
+            while let Some(frame) = unread.frame().await {
+                let Ok(frame) = frame else { return false };
+                if let Some(data) = frame.data_ref() {
+                    seen = seen.saturating_add(data.len());
+                    if seen > UNREAD_BODY_DRAIN {
+                        return false;
+                    }
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false);
+    if !drained {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// Opens `DATA_DIR/agentcast.db` off the async threads.

@@ -157,7 +157,8 @@ pub struct AccountArgs {
     #[arg(long, env = "TOKEN_TTL", default_value = "12h", value_parser = parse_duration)]
     pub token_ttl: Duration,
 
-    /// Failed logins allowed per IP and per username within LOGIN_WINDOW (beyond: 429).
+    /// Failed logins allowed per IP and per username-and-IP within LOGIN_WINDOW
+    /// (beyond: 429); a username failing from many addresses is only slowed.
     #[arg(long, env = "LOGIN_MAX_FAILURES", default_value_t = 10)]
     pub login_max_failures: u32,
 

@@ -8,11 +8,14 @@
 
 use std::net::IpAddr;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
 use agentcast::config::Secret;
 use serde_json::{json, Value};
 
 use crate::accounts::{ADMIN_PASSWORD, LOGIN, SIGNUP};
-use crate::helpers::{assert_error, spawn_app, spawn_app_with, TestApp, WAIT};
+use crate::helpers::{assert_error, assert_error_shape, spawn_app, spawn_app_with, TestApp, WAIT};
 
 /// An HTTP client whose connections come from 127.0.0.`last`.
 fn client_from(last: u8) -> reqwest::Client {
@@ -274,4 +277,191 @@ async fn a_json_value_followed_by_garbage_is_400() {
         )
         .await;
     assert_error(response, 422, "an array body").await;
+}
+
+// ---- finding 10: every error reaches the client on a keep-alive connection --------
+
+/// One HTTP/1.1 response read off a kept-alive connection.
+struct RawResponse {
+    status: u16,
+    /// Lowercased header lines.
+    head: String,
+    body: String,
+}
+
+impl RawResponse {
+    fn closes(&self) -> bool {
+        self.head.contains("\r\nconnection: close")
+    }
+}
+
+/// Reads exactly one response (Content-Length or chunked) from `stream`.
+async fn read_response(stream: &mut TcpStream) -> Result<RawResponse, String> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(at) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err(format!("closed before a response ({} bytes)", bytes.len())),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("read failed before a response: {e}")),
+        }
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {head:?}"))?;
+    let chunked = head.contains("\r\ntransfer-encoding: chunked");
+    let length: Option<usize> = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok());
+    let complete = |body: &[u8]| match length {
+        Some(n) => body.len() >= n,
+        None if chunked => body.ends_with(b"0\r\n\r\n"),
+        None => false,
+    };
+    while !complete(&bytes[head_end..]) {
+        match stream.read(&mut chunk).await {
+            Ok(0) if length.is_none() && !chunked => break,
+            Ok(0) => return Err("closed within the body".into()),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("read failed within the body: {e}")),
+        }
+    }
+    let body = String::from_utf8_lossy(&bytes[head_end..]).into_owned();
+    Ok(RawResponse { status, head, body })
+}
+
+/// Sends `head` (without its blank line) with a `Content-Length` for `body`,
+/// then the body 50 ms later, as a slow client or a busy proxy does.
+async fn send_late_body(stream: &mut TcpStream, head: &str, body: &[u8]) {
+    let head = format!("{head}\r\nContent-Length: {}\r\n\r\n", body.len());
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("write the head");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // The server may have answered and closed already: then the read says so.
+    let _ = stream.write_all(body).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_are_answered_and_keep_the_connection_usable() {
+    let app = spawn_app().await;
+    let host = format!("Host: {}", app.addr);
+    let admin = format!("Authorization: Bearer {}", app.admin_token());
+    let user = format!("Authorization: Bearer {}", app.user_token("alice"));
+    let json = "Content-Type: application/json";
+    let message = br#"{"type":"notification","data":{"n":1}}"#.to_vec();
+    let too_large = format!(
+        r#"{{"type":"notification","data":"{}"}}"#,
+        "x".repeat(app.settings.max_message_bytes + 1024)
+    )
+    .into_bytes();
+    let bad_login = br#"{"username":"admin","password":"wrong-password-1"}"#.to_vec();
+    let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
+        ("no token", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{json}"), message.clone(), 401),
+        ("forged token", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\nAuthorization: Bearer a.b.c\r\n{json}"), message.clone(), 401),
+        ("user token on publish", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{user}\r\n{json}"), message.clone(), 403),
+        ("user token on api-keys", format!("POST /api/v1/api-keys HTTP/1.1\r\n{host}\r\n{user}\r\n{json}"), br#"{"name":"k"}"#.to_vec(), 403),
+        ("unknown path", format!("POST /api/v1/nowhere HTTP/1.1\r\n{host}\r\n{admin}\r\n{json}"), message.clone(), 404),
+        ("wrong method", format!("PUT /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{admin}\r\n{json}"), message.clone(), 405),
+        ("plain text", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{admin}\r\nContent-Type: text/plain"), message.clone(), 415),
+        ("malformed JSON", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{admin}\r\n{json}"), b"{\"type\":".to_vec(), 400),
+        ("garbage after JSON", format!("POST /api/v1/ws/user/alice HTTP/1.1\r\n{host}\r\n{admin}\r\n{json}"), b"{\"type\":\"a\"} x".to_vec(), 400),
+        ("too large", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{admin}\r\n{json}"), too_large, 413),
+        ("reserved type", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{admin}\r\n{json}"), br#"{"type":"pong"}"#.to_vec(), 422),
+        ("wrong password", format!("POST /api/v1/auth/login HTTP/1.1\r\n{host}\r\n{json}"), bad_login, 401),
+        ("accepted publish", format!("POST /api/v1/ws/broadcast HTTP/1.1\r\n{host}\r\n{admin}\r\n{json}"), message.clone(), 202),
+    ];
+    let mut failures = Vec::new();
+    for (what, head, body, status) in &cases {
+        let exchange = async {
+            let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+            send_late_body(&mut stream, head, body).await;
+            let first = read_response(&mut stream).await?;
+            if first.status != *status {
+                return Err(format!(
+                    "expected {status}, got {}: {}",
+                    first.status, first.body
+                ));
+            }
+            if first.status >= 400 {
+                let error: Value = serde_json::from_str(&first.body)
+                    .map_err(|e| format!("error body is not JSON ({e}): {}", first.body))?;
+                assert_error_shape(&error, what);
+            }
+            if first.closes() {
+                // Said so: the client knows not to reuse the connection.
+                return Ok(());
+            }
+            let again = format!("GET /health HTTP/1.1\r\n{host}\r\n\r\n");
+            stream
+                .write_all(again.as_bytes())
+                .await
+                .map_err(|e| format!("second request not sent: {e}"))?;
+            let second = read_response(&mut stream)
+                .await
+                .map_err(|e| format!("no answer to the next request on the connection: {e}"))?;
+            if second.status != 200 {
+                return Err(format!("next request got {}", second.status));
+            }
+            Ok::<_, String>(())
+        };
+        match tokio::time::timeout(WAIT, exchange).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("{what}: {e}")),
+            Err(_) => failures.push(format!("{what}: timed out")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_long_to_discard_gets_connection_close() {
+    let app = spawn_app().await;
+    let heads = [
+        // Declared far past what the server discards; never sent.
+        format!(
+            "POST /api/v1/ws/broadcast HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            app.addr,
+            64 << 20
+        ),
+        // Waiting for `100 Continue` before sending the body.
+        format!(
+            "POST /api/v1/ws/broadcast HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n",
+            app.addr
+        ),
+    ];
+    for head in heads {
+        let exchange = async {
+            let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+            stream
+                .write_all(head.as_bytes())
+                .await
+                .expect("write the head");
+            read_response(&mut stream).await
+        };
+        let response = tokio::time::timeout(WAIT, exchange)
+            .await
+            .expect("answered in time")
+            .unwrap_or_else(|e| panic!("{head:?}: {e}"));
+        assert_eq!(response.status, 401, "{head:?}: {}", response.body);
+        assert!(
+            response.closes(),
+            "{head:?}: the connection will not be reused, and the response says so: {}",
+            response.head
+        );
+    }
 }
