@@ -42,6 +42,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint a token signed with the configured secret.
     Token(TokenArgs),
+    /// Maintenance of the data folder (works while the server runs, too).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Load tool: many authenticated connections, fan-out and latency figures.
     Bench(BenchArgs),
 }
@@ -261,6 +264,32 @@ pub struct TokenArgs {
     pub jwt_secret: Option<String>,
 }
 
+/// `agentcast admin …`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Set a new password for an account: a random one printed once, or the
+    /// one read from stdin with --password-stdin.
+    ResetPassword(ResetPasswordArgs),
+}
+
+/// Flags of `agentcast admin reset-password`.
+#[derive(Debug, Clone, Args)]
+pub struct ResetPasswordArgs {
+    /// The account's username.
+    #[arg(long)]
+    pub username: String,
+    /// The account's tenant.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Read the new password from the first line of stdin instead of
+    /// generating one (nothing is printed then).
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// The server's data folder (holding agentcast.db).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Pretty,
@@ -472,6 +501,33 @@ pub fn resolve_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, 
     let secret = crate::auth::random_token(48);
     write_private(&path, &secret).map_err(data_err)?;
     Ok(Secret(secret))
+}
+
+/// The given secret, or the one the server keeps in `data_dir/jwt_secret`;
+/// never creates one: a token signed with a new secret would be refused by
+/// the server (`agentcast token`).
+pub fn existing_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, ConfigError> {
+    if let Some(secret) = given.filter(|s| !s.is_empty()) {
+        return Ok(Secret(secret));
+    }
+    let path = data_dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if secret.trim().len() >= 16 => Ok(Secret(secret.trim().to_owned())),
+        Ok(_) => Err(ConfigError::Invalid(format!(
+            "{} is shorter than 16 bytes",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::Invalid(format!(
+            "no secret to sign with: {} does not exist and JWT_SECRET is unset; \
+             point --data-dir (DATA_DIR) at the server's data folder, or set JWT_SECRET \
+             to the server's secret",
+            path.display()
+        ))),
+        Err(e) => Err(ConfigError::DataDir {
+            path: path.clone(),
+            source: e,
+        }),
+    }
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
