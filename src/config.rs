@@ -364,6 +364,7 @@ pub enum ConfigError {
 impl Settings {
     /// Validates flags, creating the data folder and the JWT secret file if needed.
     pub fn from_args(args: ServeArgs) -> Result<Settings, ConfigError> {
+        check_writable(&args.data_dir)?;
         let jwt_secret = resolve_secret(args.jwt_secret, &args.data_dir)?;
         let settings = Settings {
             bind: args.bind,
@@ -501,6 +502,64 @@ pub fn resolve_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, 
     let secret = crate::auth::random_token(48);
     write_private(&path, &secret).map_err(data_err)?;
     Ok(Secret(secret))
+}
+
+/// Fails with one line naming the folder and the user when this process
+/// cannot create files in `data_dir` (a root-owned volume mounted for the
+/// image's uid 10001), instead of a crash later on the secret or the store.
+pub fn check_writable(data_dir: &Path) -> Result<(), ConfigError> {
+    let probe = data_dir.join(format!(".agentcast-write-check-{}", std::process::id()));
+    let result = std::fs::create_dir_all(data_dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map(drop)
+    });
+    match result {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(ConfigError::Invalid(format!(
+                "cannot write data folder {} as {}: permission denied; chown it or run \
+                 the image as root so its entrypoint can",
+                data_dir.display(),
+                current_user()
+            )))
+        }
+        Err(source) => Err(ConfigError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// `uid N (name)` of this process, without unsafe code: the owner of
+/// `/proc/self` is the effective uid, and `/etc/passwd` names it.
+fn current_user() -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata("/proc/self") {
+            let uid = meta.uid();
+            let name = std::fs::read_to_string("/etc/passwd")
+                .ok()
+                .and_then(|passwd| {
+                    passwd.lines().find_map(|line| {
+                        let mut fields = line.split(':');
+                        let name = fields.next()?;
+                        (fields.nth(1)? == uid.to_string()).then(|| name.to_owned())
+                    })
+                });
+            return match name {
+                Some(name) => format!("uid {uid} ({name})"),
+                None => format!("uid {uid}"),
+            };
+        }
+    }
+    "this user".to_owned()
 }
 
 /// The given secret, or the one the server keeps in `data_dir/jwt_secret`;
