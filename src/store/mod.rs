@@ -15,7 +15,7 @@
 //!   `tokio::task::spawn_blocking` so no SQLite call ever runs on an async
 //!   worker thread.
 //!
-//! The in-memory [`crate::log::TenantLog`] is a cache in front of the
+//! The in-memory [`crate::log::StreamLog`] is a cache in front of the
 //! `messages` table: the store is what survives a restart
 //! ([`Store::load_logs`]).
 //!
