@@ -74,7 +74,7 @@ pub async fn serve(
         LogStoreKind::Sqlite => Engine::Sqlite(store.clone()),
         LogStoreKind::Memory => Engine::Memory,
     };
-    let log = Log::new(engine, settings.history_size);
+    let log = Log::new(engine, settings.history_size, settings.history_bytes);
     restore_logs(&log).await?;
     let hub = Hub::new(
         Limits {
@@ -189,6 +189,7 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
     let data_dir = settings.data_dir.clone();
     let options = StoreOptions {
         history_size: settings.history_size,
+        history_bytes: settings.history_bytes,
         durability: match settings.store_sync {
             StoreSync::Full => Durability::Full,
             StoreSync::Normal => Durability::Normal,
@@ -201,8 +202,8 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
         .map_err(AppError::from)
 }
 
-/// Every stored tenant log with its newest `HISTORY_SIZE` messages, read off
-/// the async threads; resumes are served from them as if it never stopped.
+/// Every stored tenant log with its newest `HISTORY_SIZE` messages (at most
+/// `HISTORY_BYTES` of them), read off the async threads; resumes are served from them as if it never stopped.
 async fn restore_logs(log: &Log) -> Result<(), AppError> {
     let started = std::time::Instant::now();
     let (tenants, messages) = log.restore().await?;

@@ -98,6 +98,11 @@ pub struct ServeArgs {
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 10_000)]
     pub history_size: usize,
 
+    /// Bytes of messages kept per tenant for resume (a number, or with a unit:
+    /// 512KiB, 64MiB, 1GiB); with HISTORY_SIZE, whichever is reached first.
+    #[arg(long, env = "HISTORY_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub history_bytes: usize,
+
     /// Period of server Ping frames (seconds, or with a unit: 30s, 2m).
     #[arg(long, env = "PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub ping_interval: Duration,
@@ -307,6 +312,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub send_queue: usize,
     pub history_size: usize,
+    /// `HISTORY_BYTES`: the byte bound of each tenant's history.
+    pub history_bytes: usize,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
@@ -350,6 +357,7 @@ impl Settings {
             max_message_bytes: args.max_message_bytes,
             send_queue: args.send_queue,
             history_size: args.history_size,
+            history_bytes: args.history_bytes,
             ping_interval: args.ping_interval,
             idle_timeout: args.idle_timeout,
             max_connections: args.max_connections,
@@ -387,6 +395,7 @@ impl Settings {
             max_message_bytes: 64 * 1024,
             send_queue: 1024,
             history_size: 10_000,
+            history_bytes: 64 << 20,
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             max_connections: 100_000,
@@ -422,6 +431,10 @@ impl Settings {
         )?;
         check(self.send_queue >= 1, "SEND_QUEUE must be at least 1")?;
         check(self.history_size >= 1, "HISTORY_SIZE must be at least 1")?;
+        check(
+            self.history_bytes >= self.max_message_bytes,
+            "HISTORY_BYTES must be at least MAX_MESSAGE_BYTES",
+        )?;
         check(
             !self.store_sync_interval.is_zero()
                 && self.store_sync_interval <= Duration::from_secs(60),
@@ -520,9 +533,45 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("duration '{text}' is too large"))
 }
 
+/// A size in bytes: plain (`65536`) or with a binary unit (`64KiB`, `64MiB`,
+/// `1GiB`; `K`, `M`, `G` mean the same).
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("invalid size '{text}'"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => {
+            return Err(format!(
+                "invalid size unit in '{text}' (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size '{text}' is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_accept_plain_bytes_and_binary_units() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1g"), Ok(1 << 30));
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("").is_err());
+    }
 
     #[test]
     fn durations_accept_plain_seconds_and_units() {

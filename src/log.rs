@@ -128,6 +128,8 @@ struct Inner {
     streams: RwLock<HashMap<StreamKey, Arc<Stream>>>,
     engine: Engine,
     history_size: usize,
+    /// `HISTORY_BYTES`: frame text kept per stream, beside `history_size`.
+    history_bytes: usize,
     sink: Arc<OnceLock<Arc<dyn Sink>>>,
     /// Into the delivery task; only durable engines have one.
     delivery: Option<mpsc::Sender<Delivery>>,
@@ -164,10 +166,10 @@ struct Delivery {
 }
 
 impl Log {
-    /// A log over `engine` keeping `history_size` messages per stream in
-    /// memory. With a durable engine this starts the delivery task, so call
-    /// it inside the runtime.
-    pub fn new(engine: Engine, history_size: usize) -> Self {
+    /// A log over `engine` keeping `history_size` messages (at most
+    /// `history_bytes` of them) per stream in memory. With a durable engine
+    /// this starts the delivery task, so call it inside the runtime.
+    pub fn new(engine: Engine, history_size: usize, history_bytes: usize) -> Self {
         let sink: Arc<OnceLock<Arc<dyn Sink>>> = Arc::default();
         let delivery = engine.is_durable().then(|| {
             let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
@@ -179,6 +181,7 @@ impl Log {
                 streams: RwLock::default(),
                 engine,
                 history_size,
+                history_bytes,
                 sink,
                 delivery,
             }),
@@ -196,8 +199,8 @@ impl Log {
     /// threads; returns how many streams and messages it found.
     pub async fn restore(&self) -> Result<(usize, usize), LogError> {
         let engine = self.inner.engine.clone();
-        let history = self.inner.history_size;
-        let loaded = tokio::task::spawn_blocking(move || engine.load(history))
+        let (history, bytes) = (self.inner.history_size, self.inner.history_bytes);
+        let loaded = tokio::task::spawn_blocking(move || engine.load(history, bytes))
             .await
             .map_err(|e| LogError::Unavailable(format!("log load task failed: {e}")))??;
         let counts = (loaded.len(), loaded.iter().map(|(_, log)| log.len()).sum());
@@ -348,12 +351,12 @@ impl Log {
         }
         // Memory logs need no engine row; durable ones learn theirs on first append.
         let stored = !self.inner.engine.is_durable();
-        let history = self.inner.history_size;
+        let (history, bytes) = (self.inner.history_size, self.inner.history_bytes);
         Arc::clone(self.write_streams().entry(key.clone()).or_insert_with(|| {
             Arc::new(Stream {
                 key: key.clone(),
                 order: Mutex::new(1),
-                cache: Mutex::new(StreamLog::new(history)),
+                cache: Mutex::new(StreamLog::new(history, bytes)),
                 stored: AtomicBool::new(stored),
             })
         }))

@@ -339,7 +339,7 @@ mod tests {
         Hub::new(
             limits,
             Arc::new(Metrics::new()),
-            Log::new(Engine::Memory, 100),
+            Log::new(Engine::Memory, 100, usize::MAX),
         )
     }
 
@@ -454,7 +454,7 @@ mod tests {
                 max_connections: 100,
                 max_connections_per_user: 5,
             };
-            let log = Log::new(Engine::Sqlite(store.clone()), 100);
+            let log = Log::new(Engine::Sqlite(store.clone()), 100, usize::MAX);
             log.restore().await.unwrap();
             Hub::new(limits, Arc::new(Metrics::new()), log)
         }

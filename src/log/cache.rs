@@ -1,5 +1,5 @@
 //! [`StreamLog`]: the in-memory side of one stream — its epoch, committed
-//! head and bounded history, and the resume rule of SPEC §4.3. It only ever
+//! head and history (bounded by count and by bytes), and the resume rule of SPEC §4.3. It only ever
 //! holds committed messages; connections are served from it.
 
 use std::collections::VecDeque;
@@ -16,35 +16,44 @@ pub struct StreamLog {
     /// The highest committed `seq` (0 before the first commit): what a
     /// connection is told is the head, and the last entry of `history`.
     head: u64,
-    /// The newest `capacity` messages, oldest first.
+    /// The newest messages, oldest first: at most `capacity` of them and at
+    /// most `max_bytes` of frame text (`HISTORY_SIZE`, `HISTORY_BYTES`),
+    /// whichever is reached first; the newest one is kept whatever its size.
     history: VecDeque<Arc<Envelope>>,
     capacity: usize,
+    max_bytes: usize,
+    /// Frame text held in `history`, kept beside it so a push trims in O(1).
+    bytes: usize,
 }
 
 impl StreamLog {
-    pub fn new(capacity: usize) -> Self {
-        StreamLog::with_epoch(uuid::Uuid::new_v4().simple().to_string(), capacity)
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
+        let epoch = uuid::Uuid::new_v4().simple().to_string();
+        StreamLog::with_epoch(epoch, capacity, max_bytes)
     }
 
-    fn with_epoch(epoch: String, capacity: usize) -> Self {
+    fn with_epoch(epoch: String, capacity: usize, max_bytes: usize) -> Self {
         StreamLog {
             epoch,
             head: 0,
             history: VecDeque::new(),
             capacity,
+            max_bytes,
+            bytes: 0,
         }
     }
 
     /// A log rebuilt from its engine: its epoch, committed head and newest
     /// messages (oldest first, seqs increasing; older ones beyond `capacity`
-    /// are dropped).
+    /// or `max_bytes` are dropped).
     pub fn restore(
         epoch: String,
         head: u64,
         history: impl IntoIterator<Item = Arc<Envelope>>,
         capacity: usize,
+        max_bytes: usize,
     ) -> Self {
-        let mut log = StreamLog::with_epoch(epoch, capacity);
+        let mut log = StreamLog::with_epoch(epoch, capacity, max_bytes);
         for envelope in history {
             log.push(envelope);
         }
@@ -66,6 +75,11 @@ impl StreamLog {
         self.history.len()
     }
 
+    /// Frame text kept in history, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.history.is_empty()
     }
@@ -80,10 +94,16 @@ impl StreamLog {
             return false;
         }
         self.head = envelope.seq;
-        if self.history.len() == self.capacity {
-            self.history.pop_front();
-        }
+        self.bytes = self.bytes.saturating_add(envelope.text.len());
         self.history.push_back(envelope);
+        // Never below one message: the newest stays even if it alone is over.
+        while self.history.len() > 1
+            && (self.history.len() > self.capacity || self.bytes > self.max_bytes)
+        {
+            if let Some(oldest) = self.history.pop_front() {
+                self.bytes = self.bytes.saturating_sub(oldest.text.len());
+            }
+        }
         true
     }
 
@@ -94,6 +114,7 @@ impl StreamLog {
         if epoch != self.epoch {
             self.epoch = epoch;
             self.history.clear();
+            self.bytes = 0;
         }
         self.head = self.head.max(head);
     }
@@ -140,7 +161,7 @@ mod tests {
 
     #[test]
     fn resume_replays_only_what_is_addressed_after_since() {
-        let mut log = StreamLog::new(100);
+        let mut log = StreamLog::new(100, usize::MAX);
         publish(&mut log, Target::Broadcast);
         publish(&mut log, Target::User("bob".into()));
         publish(&mut log, Target::User("alice".into()));
@@ -157,7 +178,7 @@ mod tests {
 
     #[test]
     fn resume_is_incomplete_past_history_or_with_another_epoch() {
-        let mut log = StreamLog::new(3);
+        let mut log = StreamLog::new(3, usize::MAX);
         for _ in 0..10 {
             publish(&mut log, Target::Broadcast);
         }
@@ -178,7 +199,7 @@ mod tests {
 
     #[test]
     fn a_failed_seq_is_a_hole_that_resume_steps_over() {
-        let mut log = StreamLog::new(100);
+        let mut log = StreamLog::new(100, usize::MAX);
         // seq 2 failed in the engine: 1 and 3 committed.
         log.push(Envelope::for_test(1));
         log.push(Envelope::for_test(3));
@@ -194,9 +215,83 @@ mod tests {
         assert!(log.resume(1, &epoch, "u", Role::User).complete);
     }
 
+    /// A broadcast whose frame text is `len` bytes or a little more.
+    fn sized(seq: u64, len: usize) -> Arc<Envelope> {
+        let data = serde_json::json!({ "pad": "x".repeat(len) });
+        Arc::new(Envelope::encode(
+            "t",
+            &data,
+            "id",
+            seq,
+            "ts",
+            Target::Broadcast,
+        ))
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes_before_count() {
+        let frame = sized(10, 4096).text.len();
+        // Room for 10 frames by count, 4 by bytes.
+        let mut log = StreamLog::new(10, 4 * frame + frame / 2);
+        for seq in 1..=40 {
+            log.push(sized(seq, 4096));
+        }
+        assert_eq!(log.len(), 4);
+        assert_eq!(log.bytes(), 4 * frame);
+        let epoch = log.epoch().to_owned();
+        let replay = log.resume(0, &epoch, "u", Role::User);
+        assert!(!replay.complete, "bytes trimming lost seqs 1..=36");
+        assert_eq!(
+            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [37, 38, 39, 40]
+        );
+        assert!(log.resume(36, &epoch, "u", Role::User).complete);
+        // The count bound still holds when it is the smaller one.
+        let mut log = StreamLog::new(2, usize::MAX);
+        for seq in 1..=5 {
+            log.push(sized(seq, 10));
+        }
+        assert_eq!(log.len(), 2);
+    }
+
+    #[test]
+    fn the_newest_message_stays_even_above_the_byte_bound() {
+        let mut log = StreamLog::new(10, 100);
+        log.push(sized(1, 10));
+        log.push(sized(2, 500));
+        assert_eq!(log.len(), 1);
+        let epoch = log.epoch().to_owned();
+        let replay = log.resume(1, &epoch, "u", Role::User);
+        assert!(replay.complete);
+        assert_eq!(replay.entries.len(), 1);
+        log.adopt("other".into(), 2);
+        assert_eq!((log.len(), log.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn restore_obeys_the_byte_bound() {
+        let frame = sized(10, 1000).text.len();
+        let log = StreamLog::restore(
+            "e".into(),
+            20,
+            (1..=20).map(|s| sized(s, 1000)),
+            100,
+            3 * frame,
+        );
+        assert_eq!((log.head(), log.len(), log.bytes()), (20, 3, 3 * frame));
+        assert!(!log.resume(0, "e", "u", Role::User).complete);
+        assert!(log.resume(17, "e", "u", Role::User).complete);
+    }
+
     #[test]
     fn restore_continues_above_the_stored_head() {
-        let log = StreamLog::restore("e".into(), 9, (5..=7).map(Envelope::for_test), 2);
+        let log = StreamLog::restore(
+            "e".into(),
+            9,
+            (5..=7).map(Envelope::for_test),
+            2,
+            usize::MAX,
+        );
         assert_eq!((log.epoch(), log.head(), log.len()), ("e", 9, 2));
         assert!(!log.resume(4, "e", "u", Role::User).complete);
         assert!(log.resume(5, "e", "u", Role::User).complete);
@@ -204,7 +299,7 @@ mod tests {
 
     #[test]
     fn adopting_the_engines_epoch_drops_the_cached_history() {
-        let mut log = StreamLog::new(10);
+        let mut log = StreamLog::new(10, usize::MAX);
         log.push(Envelope::for_test(1));
         let epoch = log.epoch().to_owned();
         log.adopt(epoch.clone(), 0);

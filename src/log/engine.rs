@@ -99,13 +99,18 @@ impl Engine {
         }
     }
 
-    /// Every stored stream, rebuilt with its newest `history` messages.
-    /// Blocking (reads the whole history): call it in `spawn_blocking`.
-    pub(super) fn load(&self, history: usize) -> Result<Vec<(StreamKey, StreamLog)>, LogError> {
+    /// Every stored stream, rebuilt with its newest `history` messages of
+    /// at most `history_bytes` in all. Blocking (reads the whole history):
+    /// call it in `spawn_blocking`.
+    pub(super) fn load(
+        &self,
+        history: usize,
+        history_bytes: usize,
+    ) -> Result<Vec<(StreamKey, StreamLog)>, LogError> {
         let Engine::Sqlite(store) = self else {
             return Ok(Vec::new());
         };
-        let logs = store.load_logs(history)?;
+        let logs = store.load_logs(history, history_bytes)?;
         Ok(logs
             .into_iter()
             .map(|stored| {
@@ -119,7 +124,13 @@ impl Engine {
                         published_at: loaded_at,
                     })
                 });
-                let log = StreamLog::restore(stored.epoch, stored.head, envelopes, history);
+                let log = StreamLog::restore(
+                    stored.epoch,
+                    stored.head,
+                    envelopes,
+                    history,
+                    history_bytes,
+                );
                 (StreamKey::tenant(&stored.tenant), log)
             })
             .collect())

@@ -12,12 +12,19 @@ use super::{
 };
 
 impl Store {
-    /// Every tenant's epoch and head and its newest `history` messages,
+    /// Every tenant's epoch and head and its newest `history` messages whose
+    /// bodies hold at most `history_bytes` in all (the newest one always),
     /// oldest first, read in one snapshot. Blocking: meant for start-up, in
     /// `spawn_blocking`.
-    pub fn load_logs(&self, history: usize) -> Result<Vec<LoadedLog>, StoreError> {
+    pub fn load_logs(
+        &self,
+        history: usize,
+        history_bytes: usize,
+    ) -> Result<Vec<LoadedLog>, StoreError> {
         self.check_open()?;
-        self.inner.reads.with(|conn| load(conn, history))
+        self.inner
+            .reads
+            .with(|conn| load(conn, history, history_bytes))
     }
 
     /// The tenant's `(epoch, head)`, creating its log with a fresh random
@@ -103,7 +110,11 @@ fn ensure(conn: &Connection, tenant: &str, epoch: &str) -> Result<(String, u64),
     Ok((epoch, to_u64(head)))
 }
 
-fn load(conn: &Connection, history: usize) -> Result<Vec<LoadedLog>, StoreError> {
+fn load(
+    conn: &Connection,
+    history: usize,
+    history_bytes: usize,
+) -> Result<Vec<LoadedLog>, StoreError> {
     let limit = i64::try_from(history).unwrap_or(i64::MAX);
     // One read transaction: every log from the same snapshot.
     let tx = conn.unchecked_transaction()?;
@@ -128,6 +139,9 @@ fn load(conn: &Connection, history: usize) -> Result<Vec<LoadedLog>, StoreError>
     )?;
     for log in &mut logs {
         let tenant = log.tenant.clone();
+        // Newest first, so the byte bound stops the read (the writer trims
+        // lazily: the table may hold more than the bounds allow).
+        let (mut kept, mut bytes) = (0usize, 0usize);
         log.history = newest
             .query_map(params![log.tenant, limit], |row| {
                 Ok(StoredMessage {
@@ -141,6 +155,12 @@ fn load(conn: &Connection, history: usize) -> Result<Vec<LoadedLog>, StoreError>
                     view: None,
                 })
             })?
+            .take_while(|row| {
+                let Ok(message) = row else { return true };
+                kept += 1;
+                bytes = bytes.saturating_add(message.body.len());
+                kept == 1 || bytes <= history_bytes
+            })
             .collect::<Result<_, _>>()?;
         log.history.reverse();
     }
@@ -211,7 +231,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        assert!(store.load_logs(10).unwrap().is_empty());
+        assert!(store.load_logs(10, usize::MAX).unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -270,7 +290,7 @@ mod tests {
         assert_eq!(acked.load(Ordering::Relaxed), 3200);
         let delivered = delivered.lock().unwrap().clone();
         assert_eq!(delivered, (1..=3200).collect::<Vec<_>>());
-        let logs = store.load_logs(10_000).unwrap();
+        let logs = store.load_logs(10_000, usize::MAX).unwrap();
         assert_eq!(logs[0].head, 3200);
         assert_eq!(logs[0].history.len(), 3200);
     }
@@ -328,7 +348,7 @@ mod tests {
         store.close().await;
 
         let store = store_in(&dir, 1000);
-        let logs = store.load_logs(10).unwrap();
+        let logs = store.load_logs(10, usize::MAX).unwrap();
         assert_eq!(logs.len(), 2);
         let acme = &logs[0];
         assert_eq!(
@@ -355,7 +375,7 @@ mod tests {
         for chunk in 0..6u64 {
             append_all(&store, "acme", chunk * 1000 + 1..=(chunk + 1) * 1000).await;
         }
-        let logs = store.load_logs(usize::MAX).unwrap();
+        let logs = store.load_logs(usize::MAX, usize::MAX).unwrap();
         let acme = &logs[0];
         assert_eq!(acme.head, 6000);
         // Trimming runs every TRIM_EVERY rows, so up to that many may wait.
@@ -364,6 +384,58 @@ mod tests {
         assert_eq!(acme.history.last().map(|m| m.seq), Some(6000));
         let small = &logs[1];
         assert_eq!(small.history.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn trim_and_load_keep_the_newest_history_bytes() {
+        let dir = TempDir::new();
+        let options = |history_bytes| StoreOptions {
+            history_size: 10_000,
+            history_bytes,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), options(usize::MAX)).unwrap();
+        store.ensure_log("acme").await.unwrap();
+        // Bodies of ~1 KiB; a budget of 100 of them by bytes, far under the count.
+        let padded = |seq: u64| StoredMessage {
+            body: format!("{:0>1024}", seq),
+            ..message("acme", seq)
+        };
+        let body_len = padded(1).body.len();
+        let pending: Vec<_> = (1..=200)
+            .map(|seq| store.append(padded(seq), noop()))
+            .collect();
+        for result in futures_util::future::join_all(pending).await {
+            result.unwrap();
+        }
+        store.close().await;
+
+        // Reopened with a byte bound: the load obeys it before any trim ran...
+        let store = Store::open_with(dir.path(), options(100 * body_len)).unwrap();
+        let loaded = store.load_logs(10_000, 100 * body_len).unwrap();
+        assert_eq!(
+            loaded[0].history.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (101..=200).collect::<Vec<_>>()
+        );
+        assert_eq!(loaded[0].head, 200);
+        // ...and the writer's trim deletes what is beyond it.
+        let pending: Vec<_> = (201..=200 + TRIM_EVERY as u64)
+            .map(|seq| store.append(padded(seq), noop()))
+            .collect();
+        for result in futures_util::future::join_all(pending).await {
+            result.unwrap();
+        }
+        let all = store.load_logs(usize::MAX, usize::MAX).unwrap();
+        let kept = all[0].history.len();
+        assert!(kept >= 100, "{kept}");
+        assert!(
+            kept <= 100 + BATCH_MAX,
+            "trimmed by bytes: {kept} rows left"
+        );
+        assert_eq!(
+            all[0].history.last().map(|m| m.seq),
+            Some(200 + TRIM_EVERY as u64)
+        );
     }
 
     #[tokio::test]
@@ -377,7 +449,7 @@ mod tests {
         std::mem::forget(store);
 
         let store = Store::open(dir.path()).unwrap();
-        let logs = store.load_logs(10_000).unwrap();
+        let logs = store.load_logs(10_000, usize::MAX).unwrap();
         assert_eq!((logs[0].epoch.as_str(), logs[0].head), (&*epoch, 500));
         assert_eq!(logs[0].history.len(), 500);
         // And seq can only go on from the head.
@@ -401,10 +473,10 @@ mod tests {
         let late = store.append(message("acme", 101), noop()).await;
         assert_eq!(late, Err(StoreError::Closed));
         assert_eq!(store.ensure_log("acme").await, Err(StoreError::Closed));
-        assert_eq!(store.load_logs(1), Err(StoreError::Closed));
+        assert_eq!(store.load_logs(1, usize::MAX), Err(StoreError::Closed));
         store.close().await;
 
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.load_logs(1).unwrap()[0].head, 100);
+        assert_eq!(store.load_logs(1, usize::MAX).unwrap()[0].head, 100);
     }
 }

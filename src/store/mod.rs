@@ -166,6 +166,9 @@ pub struct StoreOptions {
     /// Messages kept per tenant log (`HISTORY_SIZE`); older rows are trimmed
     /// by the writer in bounded steps.
     pub history_size: usize,
+    /// Bytes of message bodies kept per tenant log (`HISTORY_BYTES`), beside
+    /// `history_size`: whichever is reached first.
+    pub history_bytes: usize,
     pub durability: Durability,
     /// How often [`Durability::Normal`] fsyncs the WAL (`STORE_SYNC_INTERVAL`).
     pub wal_sync_interval: Duration,
@@ -175,6 +178,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             history_size: 10_000,
+            history_bytes: 64 << 20,
             durability: Durability::Normal,
             wal_sync_interval: Duration::from_secs(1),
         }
@@ -347,7 +351,7 @@ impl Store {
 
         let touches = Arc::new(Touches::default());
         let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
-        writer::spawn(conn, write_rx, touches.clone(), options.history_size)?;
+        writer::spawn(conn, write_rx, touches.clone(), &options)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 write_tx,

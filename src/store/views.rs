@@ -8,6 +8,13 @@
 //! Visibility copies the message's addressing: a broadcast is everyone's, a
 //! message to a user is that user's, one to the admins is theirs; admins see
 //! every entry of their tenant.
+//!
+//! An update that leaves a field out keeps the entry's old value only when
+//! everyone who may see the new entry could see the old one (same audience,
+//! or the old one was a broadcast, or the new one is for admins): otherwise
+//! bob would read a `query` or `name` that only alice's message set (SPEC §5,
+//! issue 8 finding 4). So an entry shows the fields of its latest message,
+//! filled in from earlier messages of the same or a broader audience only.
 
 use rusqlite::{params, Connection};
 use serde_json::Value;
@@ -111,8 +118,16 @@ impl ViewUpdate {
                              json_extract(?3, '$.progress'), ?4, ?5, ?6, ?7, ?3)
                      ON CONFLICT (tenant, task_id) DO UPDATE SET
                         status = excluded.status,
-                        query = coalesce(excluded.query, tasks.query),
-                        progress = coalesce(excluded.progress, tasks.progress),
+                        query = CASE WHEN (tasks.visible_to IS NULL AND tasks.visible_role IS NULL)
+                                       OR excluded.visible_role IS NOT NULL
+                                       OR tasks.visible_to = excluded.visible_to
+                                     THEN coalesce(excluded.query, tasks.query)
+                                     ELSE excluded.query END,
+                        progress = CASE WHEN (tasks.visible_to IS NULL AND tasks.visible_role IS NULL)
+                                          OR excluded.visible_role IS NOT NULL
+                                          OR tasks.visible_to = excluded.visible_to
+                                        THEN coalesce(excluded.progress, tasks.progress)
+                                        ELSE excluded.progress END,
                         seq = excluded.seq,
                         updated_at = excluded.updated_at,
                         visible_to = excluded.visible_to,
@@ -136,7 +151,11 @@ impl ViewUpdate {
                                          visible_to, visible_role, data)
                      VALUES (?1, ?2, json_extract(?3, '$.name'), ?4, ?5, ?6, ?7, ?3)
                      ON CONFLICT (tenant, agent_id) DO UPDATE SET
-                        name = coalesce(excluded.name, agents.name),
+                        name = CASE WHEN (agents.visible_to IS NULL AND agents.visible_role IS NULL)
+                                      OR excluded.visible_role IS NOT NULL
+                                      OR agents.visible_to = excluded.visible_to
+                                    THEN coalesce(excluded.name, agents.name)
+                                    ELSE excluded.name END,
                         seq = excluded.seq,
                         updated_at = excluded.updated_at,
                         visible_to = excluded.visible_to,
@@ -355,6 +374,111 @@ mod tests {
             ),
             ("a1", Some("Ann"), 7)
         );
+    }
+
+    #[tokio::test]
+    async fn fields_are_kept_only_from_messages_of_the_same_or_a_broader_audience() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        store.ensure_log("acme").await.unwrap();
+        let to = |user: &str| StoredTarget::User(user.into());
+        let messages = [
+            // t1: alice's query and progress, then bob's bare status.
+            message(
+                1,
+                to("alice"),
+                "task_update",
+                json!({"task_id": "t1", "status": "running", "query": "secret", "progress": 40}),
+            ),
+            message(
+                2,
+                to("bob"),
+                "task_update",
+                json!({"task_id": "t1", "status": "done"}),
+            ),
+            // t2: a broadcast query is everyone's; alice's own one stays hers.
+            message(
+                3,
+                StoredTarget::Broadcast,
+                "task_update",
+                json!({"task_id": "t2", "status": "queued", "query": "public"}),
+            ),
+            message(
+                4,
+                to("carol"),
+                "task_update",
+                json!({"task_id": "t2", "status": "running"}),
+            ),
+            message(
+                5,
+                to("dave"),
+                "task_update",
+                json!({"task_id": "t3", "status": "running", "progress": 10}),
+            ),
+            message(
+                6,
+                to("dave"),
+                "task_update",
+                json!({"task_id": "t3", "status": "running"}),
+            ),
+            // a1: alice's agent name, then a bare update to bob.
+            message(
+                7,
+                to("alice"),
+                "agent_update",
+                json!({"agent_id": "a1", "action": "registered", "name": "Alice's bot"}),
+            ),
+            message(
+                8,
+                to("bob"),
+                "agent_update",
+                json!({"agent_id": "a1", "action": "updated"}),
+            ),
+            // a2: admins' name, then a broadcast update: the name stays with the admins.
+            message(
+                9,
+                StoredTarget::Admins,
+                "agent_update",
+                json!({"agent_id": "a2", "action": "registered", "name": "ops"}),
+            ),
+            message(
+                10,
+                StoredTarget::Broadcast,
+                "agent_update",
+                json!({"agent_id": "a2", "action": "updated"}),
+            ),
+        ];
+        for m in messages {
+            store.append(m, Box::new(|| {})).await.unwrap();
+        }
+        let task = |tasks: &[TaskEntry], id: &str| {
+            let t = tasks.iter().find(|t| t.task_id == id).unwrap().clone();
+            (t.status, t.query, t.progress, t.seq)
+        };
+        let bob = store.tasks(viewer("bob", false), 100).await.unwrap();
+        assert_eq!(task(&bob, "t1"), ("done".into(), None, None, 2));
+        assert_eq!(bob.len(), 1, "t2 is carol's now, t3 dave's");
+        let admin = store.tasks(viewer("root", true), 100).await.unwrap();
+        assert_eq!(task(&admin, "t1"), ("done".into(), None, None, 2));
+        let carol = store.tasks(viewer("carol", false), 100).await.unwrap();
+        assert_eq!(
+            task(&carol, "t2"),
+            ("running".into(), Some("public".into()), None, 4)
+        );
+        let dave = store.tasks(viewer("dave", false), 100).await.unwrap();
+        assert_eq!(task(&dave, "t3"), ("running".into(), None, Some(10.0), 6));
+
+        let name = |agents: Vec<AgentEntry>, id: &str| {
+            agents
+                .into_iter()
+                .find(|a| a.agent_id == id)
+                .map(|a| a.name)
+        };
+        let bob = store.agents(viewer("bob", false), 100).await.unwrap();
+        assert_eq!(name(bob.clone(), "a1"), Some(None), "not alice's name");
+        assert_eq!(name(bob, "a2"), Some(None), "not the admins' name");
+        let admin = store.agents(viewer("root", true), 100).await.unwrap();
+        assert_eq!(name(admin, "a1"), Some(None));
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{lock, StoreError, StoredMessage, Touches};
+use super::{lock, StoreError, StoreOptions, StoredMessage, Touches};
 
 /// Requests per transaction. Bounds the latency a batch adds to the first
 /// publish in it and the memory of one batch.
@@ -110,9 +110,9 @@ pub(crate) fn spawn(
     conn: Connection,
     requests: mpsc::Receiver<Request>,
     touches: Arc<Touches>,
-    history_size: usize,
+    options: &StoreOptions,
 ) -> Result<(), StoreError> {
-    let writer = Writer::new(conn, requests, touches, history_size)?;
+    let writer = Writer::new(conn, requests, touches, options)?;
     std::thread::Builder::new()
         .name("agentcast-store".into())
         .spawn(move || writer.run())?;
@@ -127,7 +127,9 @@ struct Writer {
     /// a transaction fails (it may have cached rows that were rolled back).
     heads: HashMap<String, u64>,
     history_size: u64,
-    /// Tenants that may hold more than `history_size` rows.
+    /// Bytes of bodies kept per tenant (`HISTORY_BYTES`), beside `history_size`.
+    history_bytes: u64,
+    /// Tenants that may hold more than `history_size` rows or `history_bytes`.
     trim_dirty: HashSet<String>,
     /// Rows appended since the last trim pass.
     appended_since_trim: usize,
@@ -147,9 +149,10 @@ impl Writer {
         conn: Connection,
         requests: mpsc::Receiver<Request>,
         touches: Arc<Touches>,
-        history_size: usize,
+        options: &StoreOptions,
     ) -> Result<Writer, StoreError> {
-        // Every log may be over a (possibly lowered) HISTORY_SIZE after a restart.
+        // Every log may be over a (possibly lowered) HISTORY_SIZE or
+        // HISTORY_BYTES after a restart.
         let trim_dirty = conn
             .prepare("SELECT tenant FROM logs")?
             .query_map([], |row| row.get::<_, String>(0))?
@@ -159,7 +162,8 @@ impl Writer {
             requests,
             touches,
             heads: HashMap::new(),
-            history_size: u64::try_from(history_size).unwrap_or(u64::MAX),
+            history_size: u64::try_from(options.history_size).unwrap_or(u64::MAX),
+            history_bytes: u64::try_from(options.history_bytes).unwrap_or(u64::MAX),
             trim_dirty,
             appended_since_trim: 0,
         })
@@ -475,8 +479,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes rows older than the newest `history_size` of the dirty
-    /// tenants, at most [`TRIM_BUDGET`] rows; what is left waits for the next pass.
+    /// Deletes rows older than the newest `history_size` (or than those
+    /// within `history_bytes`) of the dirty tenants, at most [`TRIM_BUDGET`]
+    /// rows; what is left waits for the next pass.
     fn trim(&mut self, batch_heads: &HashMap<String, u64>) -> Result<(), StoreError> {
         self.appended_since_trim = 0;
         let mut budget = TRIM_BUDGET;
@@ -486,7 +491,9 @@ impl Writer {
                 break;
             }
             let head = self.head(&tenant, batch_heads)?;
-            let Some(cutoff) = head.checked_sub(self.history_size).filter(|c| *c > 0) else {
+            let by_count = head.saturating_sub(self.history_size);
+            let cutoff = by_count.max(self.bytes_cutoff(&tenant)?);
+            let Some(cutoff) = Some(cutoff).filter(|c| *c > 0) else {
                 self.trim_dirty.remove(&tenant);
                 continue;
             };
@@ -511,6 +518,30 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// The newest seq of `tenant` the byte bound drops (0: none), walking
+    /// the newest `history_size` rows: beyond those the count bound drops
+    /// them anyway. `octet_length` is read from the row header, so this does
+    /// not load the bodies. The newest row is kept whatever its size, as in
+    /// the in-memory log.
+    fn bytes_cutoff(&self, tenant: &str) -> Result<u64, StoreError> {
+        let mut newest = self.conn.prepare_cached(
+            "SELECT seq, octet_length(body) FROM messages
+             WHERE tenant = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let limit = i64::try_from(self.history_size).unwrap_or(i64::MAX);
+        let mut rows = newest.query(params![tenant, limit])?;
+        let (mut kept, mut bytes) = (0u64, 0u64);
+        while let Some(row) = rows.next()? {
+            let (seq, len): (i64, i64) = (row.get(0)?, row.get(1)?);
+            kept += 1;
+            bytes = bytes.saturating_add(u64::try_from(len).unwrap_or(0));
+            if kept > 1 && bytes > self.history_bytes {
+                return Ok(u64::try_from(seq).unwrap_or(0));
+            }
+        }
+        Ok(0)
     }
 }
 

@@ -20,6 +20,7 @@ mod accounts;
 mod api_keys;
 mod auth;
 mod durability;
+mod hardening_store;
 mod helpers;
 mod http;
 mod limits;

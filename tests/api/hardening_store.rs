@@ -1,0 +1,163 @@
+//! Issue 8, the store's findings: history bounded by bytes too (finding 13,
+//! SPEC §4.3), in memory and in what a restart reloads; views that never show
+//! a user the fields of a message addressed to someone else (finding 4, §5);
+//! and the CLI papercuts (`token` without a secret, `admin reset-password`).
+
+use serde_json::{json, Value};
+
+use crate::helpers::{seq_of, spawn_app_with, DataDir, TestApp};
+use crate::resume::read_replay;
+
+/// `HISTORY_BYTES` of the byte-bound tests.
+const HISTORY_BYTES: usize = 64 * 1024;
+
+/// A server on `data_dir` keeping at most [`HISTORY_BYTES`] of history.
+async fn bounded_app(data_dir: &DataDir) -> TestApp {
+    let path = data_dir.0.clone();
+    spawn_app_with(move |s| {
+        s.data_dir = path;
+        s.history_bytes = HISTORY_BYTES;
+    })
+    .await
+}
+
+/// Resumes as a user from `since` and returns the replayed seqs and the `replay` data.
+async fn resume(app: &TestApp, since: u64, epoch: &str) -> (Vec<u64>, Value) {
+    let mut client = app
+        .connect_resume(&app.user_token("alice"), since, epoch)
+        .await;
+    let connected = client.connected().await;
+    assert_eq!(connected["epoch"], epoch, "same epoch");
+    let (frames, replay) = read_replay(&mut client).await;
+    (frames.iter().map(seq_of).collect(), replay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_bytes_bounds_the_resume_before_history_size_and_after_a_restart() {
+    let data_dir = DataDir::new();
+    let mut app = bounded_app(&data_dir).await;
+    let (_, connected) = app.connect_ready(&app.user_token("alice")).await;
+    let epoch = connected["epoch"].as_str().unwrap().to_owned();
+    // 40 frames of 4 KiB and a little envelope: 160 KiB, far under HISTORY_SIZE
+    // (10,000) by count. 64 KiB hold 15 of them (16 would need frames of
+    // exactly 4096 bytes, and the envelope adds ~100).
+    let pad = "x".repeat(4096);
+    let mut seqs = Vec::new();
+    for i in 0..40 {
+        seqs.push(seq_of(
+            &app.broadcast("notification", json!({"i": i, "pad": pad}))
+                .await,
+        ));
+    }
+    let newest: Vec<u64> = seqs[seqs.len() - 15..].to_vec();
+
+    let (replayed, replay) = resume(&app, 0, &epoch).await;
+    assert_eq!(
+        replay["complete"], false,
+        "bytes trimming dropped the oldest: {replay}"
+    );
+    assert_eq!(
+        replayed, newest,
+        "only the newest that fit in HISTORY_BYTES"
+    );
+    // From the last one trimmed, nothing is missing.
+    let (replayed, replay) = resume(&app, newest[0] - 1, &epoch).await;
+    assert_eq!(replay["complete"], true, "{replay}");
+    assert_eq!(replayed, newest);
+
+    app.shutdown().await.expect("clean shutdown");
+    let app = bounded_app(&data_dir).await;
+    let (replayed, replay) = resume(&app, 0, &epoch).await;
+    assert_eq!(replay["complete"], false, "after the restart too: {replay}");
+    assert_eq!(replayed, newest, "the reload obeys HISTORY_BYTES");
+    assert_eq!(replay["to"], *seqs.last().unwrap());
+}
+
+/// A view list as `token` sees it.
+async fn view(app: &TestApp, path: &str, token: &str) -> Value {
+    let response = app
+        .http
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET a view");
+    assert_eq!(response.status(), 200, "GET {path}");
+    response.json().await.expect("a JSON view")
+}
+
+/// The entry of `list` whose `key` is `id`.
+fn entry<'a>(body: &'a Value, list: &str, key: &str, id: &str) -> &'a Value {
+    body[list]
+        .as_array()
+        .and_then(|entries| entries.iter().find(|e| e[key] == id))
+        .unwrap_or_else(|| panic!("no {id} in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_never_show_bob_the_fields_of_a_message_to_alice() {
+    let app = spawn_app_with(|_| {}).await;
+    app.send_to_user(
+        "alice",
+        "task_update",
+        json!({"task_id": "t1", "status": "running", "query": "alice's query", "progress": 40}),
+    )
+    .await;
+    let seq = seq_of(
+        &app.send_to_user(
+            "bob",
+            "task_update",
+            json!({"task_id": "t1", "status": "completed"}),
+        )
+        .await,
+    );
+    app.send_to_user(
+        "alice",
+        "agent_update",
+        json!({"agent_id": "a1", "action": "registered", "name": "alice's agent"}),
+    )
+    .await;
+    app.send_to_user(
+        "bob",
+        "agent_update",
+        json!({"agent_id": "a1", "action": "updated"}),
+    )
+    .await;
+
+    let bob = app.user_token("bob");
+    let tasks = view(&app, "/api/v1/tasks", &bob).await;
+    let t1 = entry(&tasks, "tasks", "task_id", "t1");
+    assert_eq!(
+        (&t1["status"], &t1["seq"]),
+        (&json!("completed"), &json!(seq)),
+        "{t1}"
+    );
+    assert!(
+        t1["query"].is_null() && t1["progress"].is_null(),
+        "bob sees alice's fields: {t1}"
+    );
+    assert!(!tasks.to_string().contains("alice's"), "{tasks}");
+    let agents = view(&app, "/api/v1/agents", &bob).await;
+    let a1 = entry(&agents, "agents", "agent_id", "a1");
+    assert!(a1["name"].is_null(), "bob sees alice's agent name: {a1}");
+    assert!(!agents.to_string().contains("alice's"), "{agents}");
+
+    // The admin sees the latest entry, all of it: what bob's message set.
+    let admin = app.admin_token();
+    let tasks = view(&app, "/api/v1/tasks", &admin).await;
+    let t1 = entry(&tasks, "tasks", "task_id", "t1");
+    assert_eq!(
+        (&t1["status"], &t1["seq"]),
+        (&json!("completed"), &json!(seq)),
+        "{t1}"
+    );
+    assert_eq!(t1["data"], json!({"task_id": "t1", "status": "completed"}));
+    let agents = view(&app, "/api/v1/agents", &admin).await;
+    assert_eq!(
+        entry(&agents, "agents", "agent_id", "a1")["data"]["action"],
+        "updated"
+    );
+    // And alice no longer sees an entry bob's message set.
+    let alice = view(&app, "/api/v1/tasks", &app.user_token("alice")).await;
+    assert_eq!(alice["tasks"], json!([]), "{alice}");
+}
