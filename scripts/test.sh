@@ -19,6 +19,9 @@ cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked --all-targets
 
+echo "== docker entrypoint (without Docker: root-owned folder, drop to uid 10001)"
+scripts/test-entrypoint.sh
+
 # ---- browser tests -------------------------------------------------------------
 # A browser from the distribution (never a downloaded build): chromium from apt.
 CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"

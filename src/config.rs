@@ -42,6 +42,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint a token signed with the configured secret.
     Token(TokenArgs),
+    /// Maintenance of the data folder (works while the server runs, too).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Load tool: many authenticated connections, fan-out and latency figures.
     Bench(BenchArgs),
 }
@@ -266,6 +269,32 @@ pub struct TokenArgs {
     pub jwt_secret: Option<String>,
 }
 
+/// `agentcast admin …`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Set a new password for an account: a random one printed once, or the
+    /// one read from stdin with --password-stdin.
+    ResetPassword(ResetPasswordArgs),
+}
+
+/// Flags of `agentcast admin reset-password`.
+#[derive(Debug, Clone, Args)]
+pub struct ResetPasswordArgs {
+    /// The account's username.
+    #[arg(long)]
+    pub username: String,
+    /// The account's tenant.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Read the new password from the first line of stdin instead of
+    /// generating one (nothing is printed then).
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// The server's data folder (holding agentcast.db).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Pretty,
@@ -342,6 +371,7 @@ pub enum ConfigError {
 impl Settings {
     /// Validates flags, creating the data folder and the JWT secret file if needed.
     pub fn from_args(args: ServeArgs) -> Result<Settings, ConfigError> {
+        check_writable(&args.data_dir)?;
         let jwt_secret = resolve_secret(args.jwt_secret, &args.data_dir)?;
         let settings = Settings {
             bind: args.bind,
@@ -486,6 +516,91 @@ pub fn resolve_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, 
     let secret = crate::auth::random_token(48);
     write_private(&path, &secret).map_err(data_err)?;
     Ok(Secret(secret))
+}
+
+/// Fails with one line naming the folder and the user when this process
+/// cannot create files in `data_dir` (a root-owned volume mounted for the
+/// image's uid 10001), instead of a crash later on the secret or the store.
+pub fn check_writable(data_dir: &Path) -> Result<(), ConfigError> {
+    let probe = data_dir.join(format!(".agentcast-write-check-{}", std::process::id()));
+    let result = std::fs::create_dir_all(data_dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map(drop)
+    });
+    match result {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(ConfigError::Invalid(format!(
+                "cannot write data folder {} as {}: permission denied; chown it or run \
+                 the image as root so its entrypoint can",
+                data_dir.display(),
+                current_user()
+            )))
+        }
+        Err(source) => Err(ConfigError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// `uid N (name)` of this process, without unsafe code: the owner of
+/// `/proc/self` is the effective uid, and `/etc/passwd` names it.
+fn current_user() -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata("/proc/self") {
+            let uid = meta.uid();
+            let name = std::fs::read_to_string("/etc/passwd")
+                .ok()
+                .and_then(|passwd| {
+                    passwd.lines().find_map(|line| {
+                        let mut fields = line.split(':');
+                        let name = fields.next()?;
+                        (fields.nth(1)? == uid.to_string()).then(|| name.to_owned())
+                    })
+                });
+            return match name {
+                Some(name) => format!("uid {uid} ({name})"),
+                None => format!("uid {uid}"),
+            };
+        }
+    }
+    "this user".to_owned()
+}
+
+/// The given secret, or the one the server keeps in `data_dir/jwt_secret`;
+/// never creates one: a token signed with a new secret would be refused by
+/// the server (`agentcast token`).
+pub fn existing_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, ConfigError> {
+    if let Some(secret) = given.filter(|s| !s.is_empty()) {
+        return Ok(Secret(secret));
+    }
+    let path = data_dir.join("jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if secret.trim().len() >= 16 => Ok(Secret(secret.trim().to_owned())),
+        Ok(_) => Err(ConfigError::Invalid(format!(
+            "{} is shorter than 16 bytes",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::Invalid(format!(
+            "no secret to sign with: {} does not exist and JWT_SECRET is unset; \
+             point --data-dir (DATA_DIR) at the server's data folder, or set JWT_SECRET \
+             to the server's secret",
+            path.display()
+        ))),
+        Err(e) => Err(ConfigError::DataDir {
+            path: path.clone(),
+            source: e,
+        }),
+    }
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {

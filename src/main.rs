@@ -8,12 +8,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use agentcast::auth::{Authenticator, Claims};
-use agentcast::config::{Cli, Command, LogFormat, ServeArgs, Settings};
+use agentcast::config::{
+    AdminCommand, Cli, Command, LogFormat, ResetPasswordArgs, ServeArgs, Settings,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(args)) => token(args),
+        Some(Command::Admin(AdminCommand::ResetPassword(args))) => reset_password(args),
         Some(Command::Bench(args)) => match agentcast::bench::main(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -66,7 +69,9 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 fn token(args: agentcast::config::TokenArgs) -> ExitCode {
     let mut settings = Settings::for_tests(&args.data_dir);
-    settings.jwt_secret = match agentcast::config::resolve_secret(args.jwt_secret, &args.data_dir) {
+    // Never a new secret here: the server would refuse what it signs.
+    settings.jwt_secret = match agentcast::config::existing_secret(args.jwt_secret, &args.data_dir)
+    {
         Ok(secret) => secret,
         Err(e) => {
             eprintln!("agentcast token: {e}");
@@ -84,6 +89,83 @@ fn token(args: agentcast::config::TokenArgs) -> ExitCode {
     claims.name = args.name;
     println!("{}", auth.mint(&claims));
     ExitCode::SUCCESS
+}
+
+/// `agentcast admin reset-password`: a new password for one account, set in
+/// the data folder of a stopped or running server (SQLite lets this second
+/// writer in between the server's commits). The password goes to stdout
+/// only, never to a log.
+fn reset_password(args: ResetPasswordArgs) -> ExitCode {
+    use agentcast::store::{hash_password, validate_password, Store, MAX_PASSWORD_BYTES};
+    use std::io::{BufRead, Read};
+
+    let fail = |message: String| {
+        eprintln!("agentcast admin reset-password: {message}");
+        ExitCode::FAILURE
+    };
+    let password = if args.password_stdin {
+        let mut line = String::new();
+        // One line, bounded: a password longer than the limit is refused below.
+        let limit = u64::try_from(MAX_PASSWORD_BYTES).unwrap_or(u64::MAX) + 2;
+        if let Err(e) = std::io::stdin().lock().take(limit).read_line(&mut line) {
+            return fail(format!("cannot read the password from stdin: {e}"));
+        }
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        agentcast::auth::random_token(24)
+    };
+    if let Err(e) = validate_password(&password) {
+        return fail(e.to_string());
+    }
+    if !args.data_dir.join("agentcast.db").exists() {
+        return fail(format!(
+            "no store in {} (point --data-dir or DATA_DIR at the server's data folder)",
+            args.data_dir.display()
+        ));
+    }
+    let hash = match hash_password(&password) {
+        Ok(hash) => hash,
+        Err(e) => return fail(e.to_string()),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        let store = Store::open(&args.data_dir)?;
+        let updated = store
+            .set_password_hash(&args.tenant, &args.username, &hash)
+            .await;
+        store.close().await;
+        updated
+    });
+    match result {
+        Ok(true) if args.password_stdin => {
+            eprintln!(
+                "password of {:?} in tenant {:?} changed",
+                args.username, args.tenant
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(true) => {
+            println!("{password}");
+            eprintln!(
+                "new password of {:?} in tenant {:?} printed above (shown once)",
+                args.username, args.tenant
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(false) => fail(format!(
+            "no account {:?} in tenant {:?} in {}",
+            args.username,
+            args.tenant,
+            args.data_dir.display()
+        )),
+        Err(e) => fail(format!("{e} (data folder {})", args.data_dir.display())),
+    }
 }
 
 fn init_tracing(format: LogFormat) {

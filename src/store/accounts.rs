@@ -174,6 +174,35 @@ impl Store {
         })
         .await
     }
+
+    /// Replaces the password hash of `username` in `tenant` (`agentcast
+    /// admin reset-password`); false when there is no such account.
+    pub async fn set_password_hash(
+        &self,
+        tenant: &str,
+        username: &str,
+        password_hash: &str,
+    ) -> Result<bool, StoreError> {
+        check_name("tenant", tenant)?;
+        validate_username(username)?;
+        let (tenant, username, hash) = (
+            tenant.to_owned(),
+            username.to_owned(),
+            password_hash.to_owned(),
+        );
+        self.write(
+            move |conn| {
+                let updated = conn
+                    .prepare_cached(
+                        "UPDATE users SET password_hash = ?3 WHERE tenant = ?1 AND username = ?2",
+                    )?
+                    .execute(params![tenant, username, hash])?;
+                Ok(updated == 1)
+            },
+            |_| {},
+        )
+        .await
+    }
 }
 
 fn insert_user(conn: &Connection, user: &User, password_hash: &str) -> Result<(), StoreError> {

@@ -161,3 +161,139 @@ async fn views_never_show_bob_the_fields_of_a_message_to_alice() {
     let alice = view(&app, "/api/v1/tasks", &app.user_token("alice")).await;
     assert_eq!(alice["tasks"], json!([]), "{alice}");
 }
+
+/// Runs the real `agentcast` binary with `args` and no inherited environment
+/// (so no `JWT_SECRET` or `DATA_DIR` of the caller leaks in), feeding `stdin`;
+/// returns the exit status, stdout and stderr.
+async fn agentcast(args: &[&str], stdin: &str) -> (std::process::ExitStatus, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let stdin = stdin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
+            .args(&args)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run agentcast");
+        let mut input = child.stdin.take().expect("stdin");
+        input.write_all(stdin.as_bytes()).expect("write stdin");
+        drop(input);
+        let output = child.wait_with_output().expect("agentcast output");
+        (
+            output.status,
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("the agentcast task")
+}
+
+#[tokio::test]
+async fn token_refuses_without_a_secret_instead_of_making_one() {
+    let data_dir = DataDir::new();
+    let dir = data_dir.0.to_str().unwrap();
+    let (status, stdout, stderr) =
+        agentcast(&["token", "--sub", "alice", "--data-dir", dir], "").await;
+    assert!(!status.success(), "token must refuse: {stdout}");
+    assert!(stdout.is_empty(), "no token printed: {stdout}");
+    let secret = data_dir.0.join("jwt_secret");
+    assert!(
+        stderr.contains(&secret.display().to_string())
+            && stderr.contains("--data-dir")
+            && stderr.contains("JWT_SECRET"),
+        "says which secret it looked for and what chooses it: {stderr}"
+    );
+    assert!(!secret.exists(), "no new secret was created");
+}
+
+/// The status of a login as `admin` with `password`.
+async fn login(app: &TestApp, password: &str) -> u16 {
+    let body = json!({"username": "admin", "password": password});
+    app.post_json("/api/v1/auth/login", None, &body)
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reset_password_works_on_a_running_servers_data_folder() {
+    use agentcast::config::Secret;
+    let data_dir = DataDir::new();
+    let path = data_dir.0.clone();
+    let old = "the-old-admin-password";
+    let app = spawn_app_with(move |s| {
+        s.data_dir = path;
+        s.accounts.admin_password = Some(Secret::new(old));
+    })
+    .await;
+    assert_eq!(login(&app, old).await, 200, "the bootstrap password first");
+
+    let dir = data_dir.0.to_str().unwrap();
+    let (status, stdout, stderr) = agentcast(
+        &[
+            "admin",
+            "reset-password",
+            "--username",
+            "admin",
+            "--data-dir",
+            dir,
+        ],
+        "",
+    )
+    .await;
+    assert!(status.success(), "reset-password failed: {stderr}");
+    let new = stdout.trim();
+    assert!(
+        new.len() >= 16,
+        "a random password printed once: {stdout:?}"
+    );
+    assert!(!stderr.contains(new), "the password only on stdout");
+    assert_eq!(login(&app, new).await, 200, "the new password logs in");
+    assert_eq!(login(&app, old).await, 401, "the old one no longer does");
+
+    // From stdin, for scripts.
+    let chosen = "chosen-by-the-operator";
+    let (status, stdout, stderr) = agentcast(
+        &[
+            "admin",
+            "reset-password",
+            "--username",
+            "admin",
+            "--password-stdin",
+            "--data-dir",
+            dir,
+        ],
+        &format!("{chosen}\n"),
+    )
+    .await;
+    assert!(
+        status.success(),
+        "reset-password --password-stdin failed: {stderr}"
+    );
+    assert!(
+        !stdout.contains(chosen) && !stderr.contains(chosen),
+        "{stdout} {stderr}"
+    );
+    assert_eq!(login(&app, chosen).await, 200);
+    assert_eq!(login(&app, new).await, 401);
+
+    let (status, _, stderr) = agentcast(
+        &[
+            "admin",
+            "reset-password",
+            "--username",
+            "nobody",
+            "--data-dir",
+            dir,
+        ],
+        "",
+    )
+    .await;
+    assert!(!status.success());
+    assert!(stderr.contains("no account \"nobody\""), "{stderr}");
+}
