@@ -412,3 +412,52 @@ async fn deliver_committed(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::TempDir;
+    use crate::store::Store;
+
+    /// Records the thread each delivery ran on.
+    #[derive(Default)]
+    struct Threads(Mutex<Vec<Option<String>>>);
+
+    impl Sink for Threads {
+        fn deliver(&self, _: &StreamKey, _: &Arc<Envelope>) -> usize {
+            let name = std::thread::current().name().map(str::to_owned);
+            self.0.lock().unwrap().push(name);
+            1
+        }
+    }
+
+    /// The store's writer thread only commits: the fan-out (the sink) runs
+    /// in the log's delivery step, so no commit waits behind a fan-out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_commits_are_delivered_off_the_writer_thread_in_seq_order() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Log::new(Engine::Sqlite(store.clone()), 100, usize::MAX);
+        let threads = Arc::new(Threads::default());
+        log.set_sink(threads.clone());
+        let key = StreamKey::tenant("t");
+        let data = serde_json::json!({});
+        let publishes = (0..20).map(|_| log.append(&key, "x", &data, Target::Broadcast));
+        let receipts = futures_util::future::join_all(publishes).await;
+        let mut seqs: Vec<u64> = receipts.iter().map(|r| r.as_ref().unwrap().seq).collect();
+        assert!(receipts.iter().all(|r| r.as_ref().unwrap().recipients == 1));
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        let threads = threads.0.lock().unwrap().clone();
+        assert_eq!(threads.len(), 20);
+        assert!(
+            threads
+                .iter()
+                .all(|t| t.as_deref() != Some("agentcast-store")),
+            "{threads:?}"
+        );
+        let snapshot = log.attach(&key, Some((0, "")), "u", Role::User, || Ok::<_, ()>(()));
+        assert_eq!(snapshot.unwrap().1.head, 20);
+        store.close().await;
+    }
+}
