@@ -30,7 +30,7 @@ use crate::auth::Authenticator;
 use crate::config::{ConfigError, Settings, StoreSync};
 use crate::hub::session::{self, SessionConfig};
 use crate::hub::{Hub, Limits};
-use crate::log::{LogStore, LogStoreKind, TenantLog};
+use crate::log::{Engine, Log, LogError, LogStoreKind};
 use crate::metrics::Metrics;
 use crate::routes::{self, PeerAddr, Shared};
 use crate::shutdown::Shutdown;
@@ -61,6 +61,8 @@ pub enum AppError {
     Io(#[from] std::io::Error),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot load the logs: {0}")]
+    Log(#[from] LogError),
 }
 
 /// Binds `addr` with a large accept backlog.
@@ -85,22 +87,21 @@ pub async fn serve(
     let auth = Arc::new(Authenticator::new(&settings)?);
     let store = open_store(&settings).await?;
     let metrics = Arc::new(Metrics::new());
-    let logs = match settings.log_store {
-        LogStoreKind::Sqlite => LogStore::Sqlite(store.clone()),
-        LogStoreKind::Memory => LogStore::Memory,
+    let engine = match settings.log_store {
+        LogStoreKind::Sqlite => Engine::Sqlite(store.clone()),
+        LogStoreKind::Memory => Engine::Memory,
     };
+    let log = Log::new(engine, settings.history_size, settings.history_bytes);
+    restore_logs(&log).await?;
     let hub = Hub::new(
         Limits {
-            history_size: settings.history_size,
-            history_bytes: settings.history_bytes,
             send_queue: settings.send_queue,
             max_connections: settings.max_connections,
             max_connections_per_user: settings.max_connections_per_user,
         },
         metrics,
-        logs.clone(),
+        log,
     );
-    hub.restore(load_logs(logs, settings.history_size, settings.history_bytes).await?);
     let shutdown = Shutdown::new();
     let sessions = Arc::new(SessionConfig {
         hub: hub.clone(),
@@ -313,6 +314,7 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
             StoreSync::Full => Durability::Full,
             StoreSync::Normal => Durability::Normal,
         },
+        wal_sync_interval: settings.store_sync_interval,
     };
     tokio::task::spawn_blocking(move || Store::open_with(&data_dir, options))
         .await
@@ -320,26 +322,18 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
         .map_err(AppError::from)
 }
 
-/// Every stored tenant log with its newest `history` messages (at most
-/// `history_bytes` of them), read off the async threads; the hub serves
-/// resumes from them as if it never stopped.
-async fn load_logs(
-    logs: LogStore,
-    history: usize,
-    history_bytes: usize,
-) -> Result<Vec<(String, TenantLog)>, AppError> {
+/// Every stored tenant log with its newest `HISTORY_SIZE` messages (at most
+/// `HISTORY_BYTES` of them), read off the async threads; resumes are served from them as if it never stopped.
+async fn restore_logs(log: &Log) -> Result<(), AppError> {
     let started = std::time::Instant::now();
-    let loaded = tokio::task::spawn_blocking(move || logs.load(history, history_bytes))
-        .await
-        .map_err(|e| StoreError::Io(format!("log load task failed: {e}")))??;
-    let messages: usize = loaded.iter().map(|(_, log)| log.len()).sum();
+    let (tenants, messages) = log.restore().await?;
     tracing::info!(
-        tenants = loaded.len(),
+        tenants,
         messages,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "tenant logs loaded"
     );
-    Ok(loaded)
+    Ok(())
 }
 
 /// The address a newcomer opens, for the log (`localhost` for a wildcard bind).

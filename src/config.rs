@@ -18,9 +18,9 @@ pub use crate::log::LogStoreKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum StoreSync {
     /// fsync the WAL at every commit (SQLite `synchronous = FULL`).
-    #[default]
     Full,
-    /// fsync at checkpoints only (`synchronous = NORMAL`).
+    /// `synchronous = NORMAL`, the WAL fsynced every `STORE_SYNC_INTERVAL`.
+    #[default]
     Normal,
 }
 
@@ -68,10 +68,15 @@ pub struct ServeArgs {
     #[arg(long, env = "LOG_STORE", value_enum, default_value = "sqlite")]
     pub log_store: LogStoreKind,
 
-    /// When a commit reaches the disk: full (fsync every commit: survives power loss)
-    /// or normal (fsync at checkpoints: survives kill -9, a power loss may drop the last commits).
-    #[arg(long, env = "STORE_SYNC", value_enum, default_value = "full")]
+    /// When a commit reaches the disk: normal (the WAL fsynced every STORE_SYNC_INTERVAL:
+    /// a crash or kill -9 loses nothing acknowledged, a power cut at most the last interval)
+    /// or full (fsync every commit: survives power loss).
+    #[arg(long, env = "STORE_SYNC", value_enum, default_value = "normal")]
     pub store_sync: StoreSync,
+
+    /// With STORE_SYNC=normal: how often the WAL is fsynced (at most 60s).
+    #[arg(long, env = "STORE_SYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub store_sync_interval: Duration,
 
     /// HS256 secret for tokens. Unset: generated once and kept in DATA_DIR/jwt_secret.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -347,6 +352,8 @@ pub struct Settings {
     pub log_store: LogStoreKind,
     /// fsync policy of the store (`STORE_SYNC`).
     pub store_sync: StoreSync,
+    /// How often `normal` fsyncs the WAL (`STORE_SYNC_INTERVAL`).
+    pub store_sync_interval: Duration,
     pub jwt_secret: Secret,
     pub jwt_public_key: Option<String>,
     /// `iss` / `aud` required of tokens (SPEC §2); both are required with a public key.
@@ -396,6 +403,7 @@ impl Settings {
             data_dir: args.data_dir,
             log_store: args.log_store,
             store_sync: args.store_sync,
+            store_sync_interval: args.store_sync_interval,
             jwt_secret,
             jwt_public_key: args.jwt_public_key,
             jwt_issuer: args.jwt_issuer.filter(|v| !v.is_empty()),
@@ -434,7 +442,8 @@ impl Settings {
             port: 0,
             data_dir: data_dir.into(),
             log_store: LogStoreKind::Sqlite,
-            store_sync: StoreSync::Full,
+            store_sync: StoreSync::Normal,
+            store_sync_interval: Duration::from_secs(1),
             jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
             jwt_public_key: None,
             jwt_issuer: None,
@@ -488,6 +497,11 @@ impl Settings {
         check(
             self.history_bytes >= self.max_message_bytes,
             "HISTORY_BYTES must be at least MAX_MESSAGE_BYTES",
+        )?;
+        check(
+            !self.store_sync_interval.is_zero()
+                && self.store_sync_interval <= Duration::from_secs(60),
+            "STORE_SYNC_INTERVAL must be above 0 and at most 60s",
         )?;
         check(
             !self.ping_interval.is_zero(),
@@ -724,8 +738,16 @@ mod tests {
         if std::env::var_os("LOG_STORE").is_none() && std::env::var_os("STORE_SYNC").is_none() {
             let cli = Cli::try_parse_from(["agentcast"]).unwrap();
             assert_eq!(
-                (cli.serve.log_store, cli.serve.store_sync),
-                (LogStoreKind::Sqlite, StoreSync::Full)
+                (
+                    cli.serve.log_store,
+                    cli.serve.store_sync,
+                    cli.serve.store_sync_interval
+                ),
+                (
+                    LogStoreKind::Sqlite,
+                    StoreSync::Normal,
+                    Duration::from_secs(1)
+                )
             );
         }
         let cli = Cli::try_parse_from([
@@ -734,7 +756,7 @@ mod tests {
             "--log-store",
             "memory",
             "--store-sync",
-            "normal",
+            "full",
         ])
         .unwrap();
         let Some(Command::Serve(args)) = cli.command else {
@@ -742,7 +764,7 @@ mod tests {
         };
         assert_eq!(
             (args.log_store, args.store_sync),
-            (LogStoreKind::Memory, StoreSync::Normal)
+            (LogStoreKind::Memory, StoreSync::Full)
         );
         assert!(Cli::try_parse_from(["agentcast", "--log-store", "redis"]).is_err());
     }

@@ -12,6 +12,7 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use crate::auth::AuthError;
+use crate::log::LogError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -46,6 +47,19 @@ pub enum ApiError {
 }
 
 impl warp::reject::Reject for ApiError {}
+
+/// The one mapping of the log's errors: a message the log could not commit
+/// is a 503 (nothing of it was published; retry), one it never will a 422.
+impl From<LogError> for ApiError {
+    fn from(error: LogError) -> Self {
+        match error {
+            LogError::Invalid(text) => ApiError::Unprocessable(text),
+            LogError::Unavailable(_) | LogError::Closed => ApiError::Unavailable(
+                "the message log is unavailable; nothing was published, retry later".into(),
+            ),
+        }
+    }
+}
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {

@@ -13,22 +13,28 @@
 //!   in the binary.
 //! - [`auth`]: token claims, pinned algorithms, publisher checks (JWT or API key).
 //! - [`accounts`]: the bootstrap admin, signup, login and its failed-login limiter.
-//! - [`hub`]: the fan-out core — tenants, connections, outboxes, and the
-//!   per-connection [`hub::session`] loop; [`hub::wire`] holds the frame shapes.
-//! - [`log`]: per-tenant `seq`, `epoch`, history and the resume rule: the
-//!   in-memory cache in front of a [`log::LogStore`] (memory or SQLite).
+//! - [`hub`]: the log's sink — tenants, connections, outboxes, fan-out, and
+//!   the per-connection [`hub::session`] loop; [`hub::wire`] holds the
+//!   server's own frames.
+//! - [`log`]: the stream protocol behind one [`log::Log`] handle — `seq`,
+//!   commit, `epoch`, history and the resume rule, the message types
+//!   ([`log::Envelope`], [`log::Target`]) and [`log::LogError`] — over an
+//!   [`log::Engine`] (memory or SQLite).
 //! - [`metrics`]: counters and histograms behind `/api/v1/ws/stats` and `/metrics`.
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
 //! - [`store`]: the SQLite file — durable tenant logs (one writer thread, group
 //!   commit), the views of SPEC §5, accounts, API keys.
 //! - [`bench`]: the load tool (`agentcast bench`).
 //!
-//! A message's path: `routes::publish` validates it, `hub::Hub::publish` gives it
-//! a `seq`, serializes it once into a `hub::wire::Envelope` and hands it to the
-//! `log::LogStore` (the store's writer queue); once its transaction committed,
-//! it is pushed into the tenant's `log::TenantLog` history and its shared bytes
-//! into each addressed `hub::outbox::Outbox`, and the publish is answered 202;
-//! each `hub::session` writes its outbox to its socket.
+//! A message's path: `routes::publish` validates it and calls
+//! `hub::Hub::publish`, which hands it to `log::Log::append`: the log's engine
+//! picks its `seq`, it is serialized once into a `log::Envelope` and queued
+//! (the store's writer queue); once its transaction committed, the log's
+//! delivery step (off the writer thread) pushes it into the stream's history
+//! and hands it to the hub (`log::Sink`), which puts its shared bytes into
+//! each addressed `hub::outbox::Outbox`; then the publish is answered 202.
+//! Each `hub::session` writes its outbox to its socket. Imports run one way:
+//! routes → hub → log → store; the log never imports the hub.
 
 #![forbid(unsafe_code)]
 

@@ -1,44 +1,94 @@
-//! Tenant logs: each tenant's `seq` counter, `epoch` and bounded history, and
-//! the resume rule of SPEC §4.3.
+//! The log: the protocol of a stream — `seq`, commit, cache, resume (SPEC
+//! §4.3) — behind one handle, [`Log`], with the engines (memory, SQLite;
+//! Redis later) behind it.
 //!
-//! [`TenantLog`] is the in-memory side: what connections are served from. It
-//! is a cache in front of a [`LogStore`] (`engine.rs`): memory only, or the
-//! SQLite store, later Redis. The hub hands each message to the `LogStore` and
-//! only [`TenantLog::push`]es it (and fans it out) once the store says it is
-//! committed, so the log's `head` and history only ever hold committed
-//! messages, while [`TenantLog::assign`] keeps handing out the seqs of
-//! messages still on their way to the disk.
+//! A stream is named by a [`StreamKey`]: today each tenant has one; a channel
+//! will be just another key, not another code path. For each stream the log
+//! keeps a [`StreamLog`] (epoch, committed head, bounded history) that
+//! connections are served from, and which only ever holds committed messages.
+//!
+//! A message's path: [`Log::append`] has the engine choose its `seq` (under
+//! the stream's *order* lock, which only appends take), serializes it once
+//! into an [`Envelope`] and commits it. The committed message then goes, in
+//! `seq` order, through ONE delivery step: under the stream's *cache* lock it
+//! is pushed into the history and handed to the [`Sink`] (the hub), which
+//! queues it for the addressed connections. Only then does `append` return
+//! the receipt (the 202). With a durable engine that step is a tokio task fed
+//! by the engine's commits, so the store's writer thread never fans out and
+//! the order lock (what later appends wait for) is never held during a
+//! fan-out. With the memory engine there is nothing to wait for: the message
+//! is committed and delivered at once, under the cache lock.
+//!
+//! A connection attaches under the same cache lock ([`Log::attach`]) and
+//! takes its resume snapshot there, so every committed message is either in
+//! its snapshot or delivered to it live — never both, never neither.
+//!
+//! Locks, always taken in this order: a stream's order lock, its cache lock,
+//! then whatever the sink takes. The log never imports the hub: the hub
+//! registers itself as the sink.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Role;
-use crate::hub::wire::Envelope;
 
+mod cache;
 mod engine;
+mod message;
 
-pub use engine::{Appended, LogEntry, LogStore, LogStoreKind};
+pub use cache::StreamLog;
+pub use engine::{Engine, LogStoreKind};
+pub use message::{timestamp_with_ms, Envelope, Target};
 
-/// One tenant's ordered log.
-#[derive(Debug)]
-pub struct TenantLog {
-    /// Random id of this history; a client holding another epoch cannot resume.
-    epoch: String,
-    /// The highest committed `seq` (0 before the first commit): what a
-    /// connection is told is the head, and the last entry of `history`.
-    head: u64,
-    /// The next `seq` to hand out. Above `head` while appends are in flight;
-    /// never lowered past a seq that reached the store, so a seq whose append
-    /// failed after queueing is skipped (a hole), never reused.
-    next: u64,
-    /// The newest messages, oldest first: at most `capacity` of them and at
-    /// most `max_bytes` of frame text (`HISTORY_SIZE`, `HISTORY_BYTES`),
-    /// whichever is reached first; the newest one is kept whatever its size.
-    history: VecDeque<Arc<Envelope>>,
-    capacity: usize,
-    max_bytes: usize,
-    /// Frame text held in `history`, kept beside it so a push trims in O(1).
-    bytes: usize,
+/// Committed messages waiting for the delivery task. Full, it holds the
+/// engine's committer back (backpressure) rather than growing.
+const DELIVERY_QUEUE: usize = 4096;
+
+/// Committed messages the delivery task takes in one go.
+const DELIVERY_BATCH: usize = 256;
+
+/// The name of a stream: a tenant's log, or (next issue) one of its channels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub tenant: Box<str>,
+    pub channel: Option<Box<str>>,
+}
+
+impl StreamKey {
+    /// The tenant's own log.
+    pub fn tenant(name: &str) -> Self {
+        StreamKey {
+            tenant: name.into(),
+            channel: None,
+        }
+    }
+}
+
+/// Why an append was not committed. Nothing of it reached a socket or the history.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    /// The engine refused or failed to commit it (queue full, disk full,
+    /// i/o): worth retrying later.
+    #[error("the message log is unavailable: {0}")]
+    Unavailable(String),
+    /// The engine is shut down.
+    #[error("the message log is closed")]
+    Closed,
+    /// The engine will never take it (e.g. a tenant name it cannot hold).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where committed messages go: the hub, which queues them for connections.
+pub trait Sink: Send + Sync + 'static {
+    /// Delivers a committed message of `stream`; returns how many
+    /// connections it addressed. Called in `seq` order per stream, under the
+    /// stream's cache lock: it must not block nor call back into the log.
+    fn deliver(&self, stream: &StreamKey, envelope: &Arc<Envelope>) -> usize;
 }
 
 /// What a resuming connection gets: the frames to replay and the summary frame.
@@ -50,349 +100,364 @@ pub struct Replay {
     pub complete: bool,
 }
 
-impl TenantLog {
-    pub fn new(capacity: usize, max_bytes: usize) -> Self {
-        TenantLog {
-            epoch: uuid::Uuid::new_v4().simple().to_string(),
-            head: 0,
-            next: 1,
-            history: VecDeque::new(),
-            capacity,
-            max_bytes,
-            bytes: 0,
+/// What a connection sees of its stream when it attaches.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub epoch: String,
+    pub head: u64,
+    /// Present when the client asked to resume.
+    pub replay: Option<Replay>,
+}
+
+/// The answer to a committed append (SPEC §3: the 202 body).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Receipt {
+    pub id: String,
+    pub seq: u64,
+    pub recipients: usize,
+}
+
+/// Clone-able handle to every stream of this node.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Streams appear on first append or attach and live as long as the process.
+    streams: RwLock<HashMap<StreamKey, Arc<Stream>>>,
+    engine: Engine,
+    history_size: usize,
+    /// `HISTORY_BYTES`: frame text kept per stream, beside `history_size`.
+    history_bytes: usize,
+    sink: Arc<OnceLock<Arc<dyn Sink>>>,
+    /// Into the delivery task; only durable engines have one.
+    delivery: Option<mpsc::Sender<Delivery>>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("engine", &self.inner.engine)
+            .field("history_size", &self.inner.history_size)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Stream {
+    key: StreamKey,
+    /// The next `seq` a durable engine hands out, held while a message is
+    /// queued so that queue order is `seq` order. Never lowered: a seq whose
+    /// commit failed after queueing stays a hole, never reused.
+    order: Mutex<u64>,
+    /// The committed messages, and the lock of delivery and attachment.
+    cache: Mutex<StreamLog>,
+    /// The engine has this stream's log (with our epoch): known once, so an
+    /// append costs no engine round trip to check it.
+    stored: AtomicBool,
+}
+
+/// A committed message on its way to the delivery task.
+struct Delivery {
+    stream: Arc<Stream>,
+    envelope: Arc<Envelope>,
+    /// Hears the recipient count once delivered.
+    done: oneshot::Sender<usize>,
+}
+
+impl Log {
+    /// A log over `engine` keeping `history_size` messages (at most
+    /// `history_bytes` of them) per stream in memory. With a durable engine
+    /// this starts the delivery task, so call it inside the runtime.
+    pub fn new(engine: Engine, history_size: usize, history_bytes: usize) -> Self {
+        let sink: Arc<OnceLock<Arc<dyn Sink>>> = Arc::default();
+        let delivery = engine.is_durable().then(|| {
+            let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
+            tokio::spawn(deliver_committed(rx, sink.clone()));
+            tx
+        });
+        Log {
+            inner: Arc::new(Inner {
+                streams: RwLock::default(),
+                engine,
+                history_size,
+                history_bytes,
+                sink,
+                delivery,
+            }),
         }
     }
 
-    /// A log rebuilt from the store: its epoch, committed head and newest
-    /// messages (oldest first, seqs increasing; older ones beyond `capacity`
-    /// or `max_bytes` are dropped).
-    pub fn restore(
-        epoch: String,
-        head: u64,
-        history: impl IntoIterator<Item = Arc<Envelope>>,
-        capacity: usize,
-        max_bytes: usize,
-    ) -> Self {
-        let mut log = TenantLog::new(capacity, max_bytes);
-        log.epoch = epoch;
-        for envelope in history {
-            log.push(envelope);
-        }
-        // The head row may be above the newest kept message (trimmed or holes).
-        log.head = log.head.max(head);
-        log.next = log.head + 1;
-        log
-    }
-
-    pub fn epoch(&self) -> &str {
-        &self.epoch
-    }
-
-    pub fn head(&self) -> u64 {
-        self.head
-    }
-
-    /// Messages kept in history.
-    pub fn len(&self) -> usize {
-        self.history.len()
-    }
-
-    /// Frame text kept in history, in bytes.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.history.is_empty()
-    }
-
-    /// Hands out the next `seq`. The caller encodes the envelope with it
-    /// and, once committed, [`TenantLog::push`]es it — or gives it back with
-    /// [`TenantLog::unassign`] if it never reached the store.
-    pub fn assign(&mut self) -> u64 {
-        let seq = self.next;
-        self.next += 1;
-        seq
-    }
-
-    /// The seq [`TenantLog::assign`] hands out next.
-    pub fn next_seq(&self) -> u64 {
-        self.next
-    }
-
-    /// Takes back `seq` if it is the last one handed out. Only for a seq no
-    /// store ever saw (its append was refused synchronously, under the same
-    /// lock as [`TenantLog::assign`]), so nobody can have seen it either.
-    pub fn unassign(&mut self, seq: u64) {
-        if seq + 1 == self.next && seq > self.head {
-            self.next = seq;
+    /// Where committed messages go from now on (set once; later calls are ignored).
+    pub fn set_sink(&self, sink: Arc<dyn Sink>) {
+        if self.inner.sink.set(sink).is_err() {
+            tracing::warn!("the log already has a sink; ignoring another");
         }
     }
 
-    /// Adds a committed message. Seqs arrive increasing but not necessarily
-    /// consecutive: a failed append leaves a hole that no client ever sees
-    /// (not live, not in a replay, not as a head), so resume is unaffected.
-    pub fn push(&mut self, envelope: Arc<Envelope>) {
-        debug_assert!(envelope.seq > self.head, "seq must grow");
-        if envelope.seq <= self.head {
-            return;
+    /// Loads the streams the engine kept (before serving), off the async
+    /// threads; returns how many streams and messages it found.
+    pub async fn restore(&self) -> Result<(usize, usize), LogError> {
+        let engine = self.inner.engine.clone();
+        let (history, bytes) = (self.inner.history_size, self.inner.history_bytes);
+        let loaded = tokio::task::spawn_blocking(move || engine.load(history, bytes))
+            .await
+            .map_err(|e| LogError::Unavailable(format!("log load task failed: {e}")))??;
+        let counts = (loaded.len(), loaded.iter().map(|(_, log)| log.len()).sum());
+        let mut streams = self.write_streams();
+        for (key, log) in loaded {
+            let stream = Stream {
+                key: key.clone(),
+                order: Mutex::new(log.head() + 1),
+                cache: Mutex::new(log),
+                stored: AtomicBool::new(true),
+            };
+            streams.insert(key, Arc::new(stream));
         }
-        self.head = envelope.seq;
-        self.next = self.next.max(envelope.seq + 1);
-        self.bytes = self.bytes.saturating_add(envelope.text.len());
-        self.history.push_back(envelope);
-        // Never below one message: the newest stays even if it alone is over.
-        while self.history.len() > 1
-            && (self.history.len() > self.capacity || self.bytes > self.max_bytes)
+        Ok(counts)
+    }
+
+    /// Commits a message to `key`'s stream and delivers it. `Ok` (the 202)
+    /// means committed: in the engine, in the history, handed to the sink.
+    pub async fn append(
+        &self,
+        key: &StreamKey,
+        kind: &str,
+        data: &Value,
+        target: Target,
+    ) -> Result<Receipt, LogError> {
+        let stream = self.stream(key);
+        if !stream.stored.load(Ordering::Acquire) {
+            self.ensure_stored(&stream).await?;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let (ts, ts_ms) = timestamp_with_ms();
+        let Some(delivery) = &self.inner.delivery else {
+            // Memory: committed the moment it is in the history.
+            let mut cache = stream.lock_cache();
+            let seq = cache.head() + 1;
+            let envelope = Arc::new(Envelope::encode(kind, data, &id, seq, &ts, target));
+            cache.push(Arc::clone(&envelope));
+            let recipients = deliver(&self.inner.sink, key, &envelope);
+            return Ok(Receipt {
+                id,
+                seq,
+                recipients,
+            });
+        };
+        let (done, delivered) = oneshot::channel();
+        let (seq, commit) = {
+            let mut next = stream.lock_order();
+            let seq = *next;
+            let envelope = Arc::new(Envelope::encode(kind, data, &id, seq, &ts, target));
+            let entry = engine::Entry {
+                data,
+                id: &id,
+                ts_ms,
+                envelope: &envelope,
+            };
+            let on_commit: Box<dyn FnOnce() + Send> = {
+                let (delivery, stream, envelope) =
+                    (delivery.clone(), Arc::clone(&stream), Arc::clone(&envelope));
+                Box::new(move || {
+                    // On the engine's committer (the writer thread), never in
+                    // the runtime. A gone delivery task (shutdown) drops
+                    // `done`: the publisher hears `Closed`.
+                    let _ = delivery.blocking_send(Delivery {
+                        stream,
+                        envelope,
+                        done,
+                    });
+                })
+            };
+            // `Err`: never queued, so `seq` is free for the next append.
+            let commit = self.inner.engine.append(key, entry, on_commit)?;
+            *next = seq + 1;
+            (seq, commit)
+        };
+        // A failure leaves `seq` as a hole that nobody saw (no socket, no
+        // replay, no head): this process never hands it out again.
+        commit.await?;
+        let recipients = delivered.await.map_err(|_| LogError::Closed)?;
+        Ok(Receipt {
+            id,
+            seq,
+            recipients,
+        })
+    }
+
+    /// Attaches a connection to `key`'s stream: runs `join` (the sink
+    /// registering it) and takes its snapshot, with resume from `resume`
+    /// (since, epoch) for `user` acting as `role`, under the cache lock, so
+    /// no commit falls between the two.
+    pub fn attach<R, E>(
+        &self,
+        key: &StreamKey,
+        resume: Option<(u64, &str)>,
+        user: &str,
+        role: Role,
+        join: impl FnOnce() -> Result<R, E>,
+    ) -> Result<(R, Snapshot), E> {
+        let stream = self.stream(key);
+        let cache = stream.lock_cache();
+        let joined = join()?;
+        let snapshot = Snapshot {
+            epoch: cache.epoch().to_owned(),
+            head: cache.head(),
+            replay: resume.map(|(since, epoch)| cache.resume(since, epoch, user, role)),
+        };
+        Ok((joined, snapshot))
+    }
+
+    /// The `seq` the next durable append of `key` gets (memory: head + 1).
+    #[cfg(test)]
+    pub(crate) fn next_seq(&self, key: &StreamKey) -> u64 {
+        let stream = self.stream(key);
+        let next = *stream.lock_order();
+        match self.inner.delivery {
+            Some(_) => next,
+            None => stream.lock_cache().head() + 1,
+        }
+    }
+
+    /// Creates the stream's log in the engine with the epoch memory already
+    /// uses (connections may have been told it), then remembers that it exists.
+    async fn ensure_stored(&self, stream: &Stream) -> Result<(), LogError> {
+        let epoch = stream.lock_cache().epoch().to_owned();
+        let (stored_epoch, stored_head) = self.inner.engine.ensure(&stream.key, &epoch).await?;
+        let mut next = stream.lock_order();
+        let mut cache = stream.lock_cache();
+        if stored_epoch != cache.epoch() || stored_head > cache.head() {
+            tracing::warn!(
+                tenant = &*stream.key.tenant,
+                "the engine already had this log; adopting its epoch and head"
+            );
+            cache.adopt(stored_epoch, stored_head);
+        }
+        *next = (*next).max(cache.head() + 1);
+        stream.stored.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn stream(&self, key: &StreamKey) -> Arc<Stream> {
+        if let Some(stream) = self
+            .inner
+            .streams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
         {
-            if let Some(oldest) = self.history.pop_front() {
-                self.bytes = self.bytes.saturating_sub(oldest.text.len());
+            return Arc::clone(stream);
+        }
+        // Memory logs need no engine row; durable ones learn theirs on first append.
+        let stored = !self.inner.engine.is_durable();
+        let (history, bytes) = (self.inner.history_size, self.inner.history_bytes);
+        Arc::clone(self.write_streams().entry(key.clone()).or_insert_with(|| {
+            Arc::new(Stream {
+                key: key.clone(),
+                order: Mutex::new(1),
+                cache: Mutex::new(StreamLog::new(history, bytes)),
+                stored: AtomicBool::new(stored),
+            })
+        }))
+    }
+
+    fn write_streams(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<StreamKey, Arc<Stream>>> {
+        self.inner
+            .streams
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Stream {
+    // Every critical section leaves its state consistent, so a poisoned lock is usable.
+    fn lock_order(&self) -> MutexGuard<'_, u64> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_cache(&self) -> MutexGuard<'_, StreamLog> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn deliver(sink: &OnceLock<Arc<dyn Sink>>, key: &StreamKey, envelope: &Arc<Envelope>) -> usize {
+    sink.get().map_or(0, |sink| sink.deliver(key, envelope))
+}
+
+/// The delivery step of durable engines: committed messages, in commit
+/// order (`seq` order per stream), into their stream's history and the sink.
+/// Consecutive messages of one stream share one take of its cache lock.
+async fn deliver_committed(
+    mut committed: mpsc::Receiver<Delivery>,
+    sink: Arc<OnceLock<Arc<dyn Sink>>>,
+) {
+    let mut batch = Vec::with_capacity(DELIVERY_BATCH);
+    while committed.recv_many(&mut batch, DELIVERY_BATCH).await > 0 {
+        let mut items = batch.drain(..).peekable();
+        while let Some(first) = items.next() {
+            let stream = Arc::clone(&first.stream);
+            let mut cache = stream.lock_cache();
+            let mut next = Some(first);
+            while let Some(item) = next {
+                let recipients = if cache.push(Arc::clone(&item.envelope)) {
+                    deliver(&sink, &stream.key, &item.envelope)
+                } else {
+                    0
+                };
+                // The publisher may have given up waiting; the message stands.
+                let _ = item.done.send(recipients);
+                next = items.next_if(|n| Arc::ptr_eq(&n.stream, &stream));
             }
         }
-    }
-
-    /// Takes the store's word for this log's epoch and head, when they
-    /// differ from what memory believed (a log the store created otherwise).
-    /// A different epoch is a different history: the cached one goes.
-    pub fn adopt(&mut self, epoch: String, head: u64) {
-        if epoch != self.epoch {
-            self.epoch = epoch;
-            self.history.clear();
-            self.bytes = 0;
-        }
-        self.head = self.head.max(head);
-        self.next = self.next.max(self.head + 1);
-    }
-
-    /// Everything addressed to `user` after `since`, if `epoch` is this log's.
-    /// `complete` is false when the epoch differs or history no longer reaches back
-    /// to `since`: the client must then reload its state over REST.
-    pub fn resume(&self, since: u64, epoch: &str, user: &str, role: Role) -> Replay {
-        let mut replay = Replay {
-            entries: Vec::new(),
-            from: since,
-            to: self.head,
-            complete: false,
-        };
-        if epoch != self.epoch || since > self.head {
-            return replay;
-        }
-        let oldest = self.history.front().map_or(self.head + 1, |e| e.seq);
-        replay.complete = since + 1 >= oldest;
-        // History is ordered by seq, so skip straight to the first entry after `since`.
-        let start = self.history.partition_point(|e| e.seq <= since);
-        replay.entries = self
-            .history
-            .range(start..)
-            .filter(|e| e.target.addresses(user, role))
-            .cloned()
-            .collect();
-        replay
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::wire::Target;
+    use crate::store::testing::TempDir;
+    use crate::store::Store;
 
-    fn publish(log: &mut TenantLog, target: Target) {
+    /// Records the thread each delivery ran on.
+    #[derive(Default)]
+    struct Threads(Mutex<Vec<Option<String>>>);
+
+    impl Sink for Threads {
+        fn deliver(&self, _: &StreamKey, _: &Arc<Envelope>) -> usize {
+            let name = std::thread::current().name().map(str::to_owned);
+            self.0.lock().unwrap().push(name);
+            1
+        }
+    }
+
+    /// The store's writer thread only commits: the fan-out (the sink) runs
+    /// in the log's delivery step, so no commit waits behind a fan-out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_commits_are_delivered_off_the_writer_thread_in_seq_order() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Log::new(Engine::Sqlite(store.clone()), 100, usize::MAX);
+        let threads = Arc::new(Threads::default());
+        log.set_sink(threads.clone());
+        let key = StreamKey::tenant("t");
         let data = serde_json::json!({});
-        let seq = log.assign();
-        log.push(Arc::new(Envelope::encode(
-            "t", &data, "id", seq, "ts", target,
-        )));
-    }
-
-    #[test]
-    fn resume_replays_only_what_is_addressed_after_since() {
-        let mut log = TenantLog::new(100, usize::MAX);
-        publish(&mut log, Target::Broadcast);
-        publish(&mut log, Target::User("bob".into()));
-        publish(&mut log, Target::User("alice".into()));
-        publish(&mut log, Target::Broadcast);
-        let epoch = log.epoch().to_owned();
-        let replay = log.resume(1, &epoch, "alice", Role::User);
-        assert!(replay.complete);
-        assert_eq!((replay.from, replay.to), (1, 4));
-        assert_eq!(
-            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [3, 4]
+        let publishes = (0..20).map(|_| log.append(&key, "x", &data, Target::Broadcast));
+        let receipts = futures_util::future::join_all(publishes).await;
+        let mut seqs: Vec<u64> = receipts.iter().map(|r| r.as_ref().unwrap().seq).collect();
+        assert!(receipts.iter().all(|r| r.as_ref().unwrap().recipients == 1));
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        let threads = threads.0.lock().unwrap().clone();
+        assert_eq!(threads.len(), 20);
+        assert!(
+            threads
+                .iter()
+                .all(|t| t.as_deref() != Some("agentcast-store")),
+            "{threads:?}"
         );
-    }
-
-    #[test]
-    fn resume_is_incomplete_past_history_or_with_another_epoch() {
-        let mut log = TenantLog::new(3, usize::MAX);
-        for _ in 0..10 {
-            publish(&mut log, Target::Broadcast);
-        }
-        let epoch = log.epoch().to_owned();
-        let old = log.resume(2, &epoch, "u", Role::User);
-        assert!(!old.complete);
-        assert_eq!(
-            old.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [8, 9, 10]
-        );
-        assert!(log.resume(7, &epoch, "u", Role::User).complete);
-        let foreign = log.resume(9, "other", "u", Role::User);
-        assert!(!foreign.complete);
-        assert!(foreign.entries.is_empty());
-        assert!(log.resume(10, &epoch, "u", Role::User).complete);
-        assert!(!log.resume(11, &epoch, "u", Role::User).complete);
-    }
-
-    #[test]
-    fn assigned_seqs_stay_invisible_until_committed() {
-        let mut log = TenantLog::new(100, usize::MAX);
-        let (a, b) = (log.assign(), log.assign());
-        assert_eq!((a, b, log.head()), (1, 2, 0));
-        let epoch = log.epoch().to_owned();
-        assert!(log.resume(0, &epoch, "u", Role::User).entries.is_empty());
-        log.push(Envelope::for_test(a));
-        assert_eq!(log.head(), 1);
-        assert_eq!(
-            log.assign(),
-            3,
-            "the next seq is above every one handed out"
-        );
-    }
-
-    #[test]
-    fn only_a_never_queued_last_seq_is_given_back() {
-        let mut log = TenantLog::new(100, usize::MAX);
-        let first = log.assign();
-        log.unassign(first);
-        assert_eq!(log.assign(), 1, "a refused seq is handed out again");
-        let second = log.assign();
-        log.unassign(1);
-        assert_eq!(log.assign(), 3, "not the last one: kept as a hole");
-        log.push(Envelope::for_test(second));
-        log.unassign(second);
-        assert_eq!(log.assign(), 4, "a committed seq is never taken back");
-    }
-
-    #[test]
-    fn a_failed_seq_is_a_hole_that_resume_steps_over() {
-        let mut log = TenantLog::new(100, usize::MAX);
-        for _ in 0..3 {
-            log.assign();
-        }
-        // seq 2 failed in the store: 1 and 3 committed.
-        log.push(Envelope::for_test(1));
-        log.push(Envelope::for_test(3));
-        let epoch = log.epoch().to_owned();
-        let replay = log.resume(0, &epoch, "u", Role::User);
-        assert!(replay.complete);
-        assert_eq!(replay.to, 3);
-        assert_eq!(
-            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [1, 3]
-        );
-        // A client that saw 1 resumes without waiting for 2.
-        assert!(log.resume(1, &epoch, "u", Role::User).complete);
-        assert_eq!(log.assign(), 4);
-    }
-
-    /// A broadcast whose frame text is `len` bytes or a little more.
-    fn sized(seq: u64, len: usize) -> Arc<Envelope> {
-        let data = serde_json::json!({ "pad": "x".repeat(len) });
-        Arc::new(Envelope::encode(
-            "t",
-            &data,
-            "id",
-            seq,
-            "ts",
-            Target::Broadcast,
-        ))
-    }
-
-    #[test]
-    fn history_is_bounded_by_bytes_before_count() {
-        let frame = sized(10, 4096).text.len();
-        // Room for 10 frames by count, 4 by bytes.
-        let mut log = TenantLog::new(10, 4 * frame + frame / 2);
-        for seq in 1..=40 {
-            log.assign();
-            log.push(sized(seq, 4096));
-        }
-        assert_eq!(log.len(), 4);
-        assert_eq!(log.bytes(), 4 * frame);
-        let epoch = log.epoch().to_owned();
-        let replay = log.resume(0, &epoch, "u", Role::User);
-        assert!(!replay.complete, "bytes trimming lost seqs 1..=36");
-        assert_eq!(
-            replay.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            [37, 38, 39, 40]
-        );
-        assert!(log.resume(36, &epoch, "u", Role::User).complete);
-        // The count bound still holds when it is the smaller one.
-        let mut log = TenantLog::new(2, usize::MAX);
-        for seq in 1..=5 {
-            log.push(sized(seq, 10));
-        }
-        assert_eq!(log.len(), 2);
-    }
-
-    #[test]
-    fn the_newest_message_stays_even_above_the_byte_bound() {
-        let mut log = TenantLog::new(10, 100);
-        log.push(sized(1, 10));
-        log.push(sized(2, 500));
-        assert_eq!(log.len(), 1);
-        let epoch = log.epoch().to_owned();
-        let replay = log.resume(1, &epoch, "u", Role::User);
-        assert!(replay.complete);
-        assert_eq!(replay.entries.len(), 1);
-        log.adopt("other".into(), 2);
-        assert_eq!((log.len(), log.bytes()), (0, 0));
-    }
-
-    #[test]
-    fn restore_obeys_the_byte_bound() {
-        let frame = sized(10, 1000).text.len();
-        let log = TenantLog::restore(
-            "e".into(),
-            20,
-            (1..=20).map(|s| sized(s, 1000)),
-            100,
-            3 * frame,
-        );
-        assert_eq!((log.head(), log.len(), log.bytes()), (20, 3, 3 * frame));
-        assert!(!log.resume(0, "e", "u", Role::User).complete);
-        assert!(log.resume(17, "e", "u", Role::User).complete);
-    }
-
-    #[test]
-    fn restore_continues_above_the_stored_head() {
-        let log = TenantLog::restore(
-            "e".into(),
-            9,
-            (5..=7).map(Envelope::for_test),
-            2,
-            usize::MAX,
-        );
-        assert_eq!((log.epoch(), log.head(), log.len()), ("e", 9, 2));
-        let mut log = log;
-        assert_eq!(log.assign(), 10);
-        assert!(!log.resume(4, "e", "u", Role::User).complete);
-        assert!(log.resume(5, "e", "u", Role::User).complete);
-    }
-
-    #[test]
-    fn adopting_the_stores_epoch_drops_the_cached_history() {
-        let mut log = TenantLog::new(10, usize::MAX);
-        log.assign();
-        log.push(Envelope::for_test(1));
-        let epoch = log.epoch().to_owned();
-        log.adopt(epoch.clone(), 0);
-        assert_eq!(
-            (log.len(), log.head()),
-            (1, 1),
-            "same epoch: nothing changes"
-        );
-        log.adopt("stored".into(), 7);
-        assert_eq!((log.epoch(), log.head(), log.len()), ("stored", 7, 0));
-        assert_eq!(log.assign(), 8);
+        let snapshot = log.attach(&key, Some((0, "")), "u", Role::User, || Ok::<_, ()>(()));
+        assert_eq!(snapshot.unwrap().1.head, 20);
+        store.close().await;
     }
 }

@@ -1,23 +1,20 @@
-//! The fan-out core: tenants, their logs, and the connections of their users.
+//! The sink of the log: tenants, the connections of their users, and the
+//! fan-out of committed messages to them.
 //!
-//! A publish takes the tenant's lock, gets the next `seq`, serializes the message
-//! once and hands it to the [`LogStore`] — still under the lock, so the store's
-//! queue is in `seq` order. Once the store has committed it (at once in memory;
-//! after the group commit with SQLite, on the store's writer thread) the
-//! message is *committed* into the tenant: under the lock again it is pushed
-//! into the in-memory history and the shared bytes into the outbox of every
-//! addressed connection; only then is the publish answered 202. So no socket
-//! and no replay ever shows a message the store could still lose.
+//! The hub never picks a `seq` nor holds a message the log has not
+//! committed. [`Hub::publish`] hands a message to the [`Log`]; the log
+//! commits it and calls [`Sink::deliver`] — in `seq` order, from its delivery
+//! step (off the store's writer thread) — and the hub pushes the shared bytes
+//! into the outbox of every addressed connection, under the tenant's lock,
+//! which only registrations, departures and other deliveries take. So no
+//! socket ever shows an uncommitted message, and no commit of another tenant
+//! waits for this tenant's fan-out.
 //!
-//! A connection registers under the same lock and takes its resume snapshot
-//! there, from committed messages only. A message committed later finds the
-//! connection registered and goes to its outbox, so every message is either
-//! in its replay or in its outbox — never both, never neither.
-//!
-//! Locks: the tenant lock is never held while waiting for the store (the
-//! append only queues, and fails at once when the queue is full), and the
-//! writer thread takes it only to commit, holding nothing else, so the two
-//! cannot deadlock.
+//! A connection registers through [`Log::attach`], which runs the hub's
+//! registration and takes the resume snapshot under the stream's cache lock:
+//! a message committed later finds the connection registered, so every
+//! message is either in its replay or in its outbox — never both, never
+//! neither.
 
 pub mod analytics;
 pub mod outbox;
@@ -25,18 +22,18 @@ pub mod session;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use serde_json::Value;
 
 use crate::auth::Role;
-use crate::log::{Appended, LogEntry, LogStore, Replay, TenantLog};
+use crate::log::{Envelope, Log, LogError, Sink, Snapshot, StreamKey, Target};
 use crate::metrics::Metrics;
-use crate::store::StoreError;
 use analytics::{Analytics, Minute};
 use outbox::Outbox;
-use wire::{Envelope, Target};
+
+pub use crate::log::Receipt;
 
 /// Clone-able handle to the hub; all state sits behind it.
 #[derive(Debug, Clone)]
@@ -46,12 +43,12 @@ pub struct Hub {
 
 #[derive(Debug)]
 struct Inner {
-    /// Tenants appear on first publish or connection and live as long as the process.
+    /// Tenants appear on first delivery or connection and live as long as the process.
     tenants: RwLock<HashMap<Box<str>, Arc<Tenant>>>,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Where committed messages live beyond this process (or nowhere).
-    logs: LogStore,
+    /// Seq, commit, history and resume: the streams the connections follow.
+    log: Log,
     /// Open connections across tenants, checked against `max_connections`.
     open: AtomicUsize,
     next_connection_id: AtomicU64,
@@ -60,9 +57,6 @@ struct Inner {
 /// The hub's share of the settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub history_size: usize,
-    /// `HISTORY_BYTES`: frame text kept per tenant, beside `history_size`.
-    pub history_bytes: usize,
     pub send_queue: usize,
     pub max_connections: usize,
     pub max_connections_per_user: usize,
@@ -70,15 +64,11 @@ pub struct Limits {
 
 #[derive(Debug, Default)]
 struct Tenant {
-    state: Mutex<Option<TenantState>>,
-    /// The [`LogStore`] has this tenant's log (with our epoch): known once,
-    /// so a publish costs no store round trip to check it.
-    stored: AtomicBool,
+    state: Mutex<TenantState>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct TenantState {
-    log: TenantLog,
     connections: HashMap<u64, Connection>,
     /// user id -> ids of that user's connections (all tabs).
     users: HashMap<Arc<str>, Vec<u64>>,
@@ -90,35 +80,6 @@ struct TenantState {
 struct Connection {
     outbox: Arc<Outbox>,
     role: Role,
-}
-
-/// The answer to an accepted publish (SPEC §3: 202 body).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Receipt {
-    pub id: String,
-    pub seq: u64,
-    pub recipients: usize,
-}
-
-/// Why a publish was not accepted. Nothing of it reached a socket or the log.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PublishError {
-    /// The store refused or failed to commit it (queue full, disk full, i/o,
-    /// closed): worth retrying later (503).
-    #[error("the message log is unavailable: {0}")]
-    Unavailable(StoreError),
-    /// The store will never take it (e.g. a tenant name it cannot hold).
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl From<StoreError> for PublishError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Invalid(text) => PublishError::Invalid(text),
-            other => PublishError::Unavailable(other),
-        }
-    }
 }
 
 /// Why a connection was not registered (closed with 4429).
@@ -140,142 +101,71 @@ pub struct Membership {
     pub outbox: Arc<Outbox>,
 }
 
-/// What a connection sees of its tenant's log at registration.
-#[derive(Debug)]
-pub struct Snapshot {
-    pub epoch: String,
-    pub head: u64,
-    /// Present when the client asked to resume.
-    pub replay: Option<Replay>,
+/// The hub as the log sees it. Weak, so the log (which the hub owns) does
+/// not keep the hub alive.
+struct HubSink(Weak<Inner>);
+
+impl Sink for HubSink {
+    fn deliver(&self, stream: &StreamKey, envelope: &Arc<Envelope>) -> usize {
+        let Some(inner) = self.0.upgrade() else {
+            return 0;
+        };
+        // Channels (the next issue) are streams without connections yet.
+        if stream.channel.is_some() {
+            return 0;
+        }
+        let tenant = Hub { inner }.tenant(&stream.tenant);
+        let mut state = tenant.lock();
+        let recipients = state.fan_out(envelope);
+        state.analytics.message(&envelope.kind, recipients);
+        recipients
+    }
 }
 
 impl Hub {
-    pub fn new(limits: Limits, metrics: Arc<Metrics>, logs: LogStore) -> Self {
-        Hub {
-            inner: Arc::new(Inner {
-                tenants: RwLock::default(),
-                limits,
-                metrics,
-                logs,
-                open: AtomicUsize::new(0),
-                next_connection_id: AtomicU64::new(1),
-            }),
-        }
+    /// A hub over `log`; it becomes the log's sink.
+    pub fn new(limits: Limits, metrics: Arc<Metrics>, log: Log) -> Self {
+        let inner = Arc::new(Inner {
+            tenants: RwLock::default(),
+            limits,
+            metrics,
+            log,
+            open: AtomicUsize::new(0),
+            next_connection_id: AtomicU64::new(1),
+        });
+        inner
+            .log
+            .set_sink(Arc::new(HubSink(Arc::downgrade(&inner))));
+        Hub { inner }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }
 
-    /// Puts back the tenant logs found in the store at start (before serving).
-    pub fn restore(&self, logs: Vec<(String, TenantLog)>) {
-        let mut tenants = self
-            .inner
-            .tenants
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        for (name, log) in logs {
-            let tenant = Tenant {
-                state: Mutex::new(Some(TenantState::new(log))),
-                stored: AtomicBool::new(true),
-            };
-            tenants.insert(name.into_boxed_str(), Arc::new(tenant));
-        }
-    }
-
-    /// Appends a message to the tenant's log and, once the log has committed
-    /// it, queues it for every addressed connection. `Ok` (the 202) means
-    /// committed: in the store, in the history, in the outboxes.
+    /// Publishes to the tenant's log. `Ok` (the 202) means committed and
+    /// queued for every addressed connection.
     pub async fn publish(
         &self,
-        tenant_name: &str,
+        tenant: &str,
         kind: &str,
         data: &Value,
         target: Target,
-    ) -> Result<Receipt, PublishError> {
-        let tenant = self.tenant(tenant_name);
-        if !tenant.stored.load(Ordering::Acquire) {
-            self.ensure_stored(&tenant, tenant_name).await?;
-        }
-        let id = uuid::Uuid::new_v4().to_string();
-        let (ts, ts_ms) = wire::timestamp_with_ms();
-        let recipients = Arc::new(AtomicUsize::new(0));
-        let (seq, committed) = {
-            let mut guard = tenant.lock();
-            let state = self.state(&mut guard);
-            let seq = state.log.assign();
-            let envelope = Arc::new(Envelope::encode(kind, data, &id, seq, &ts, target));
-            let entry = LogEntry {
-                tenant: tenant_name,
-                kind,
-                data,
-                id: &id,
-                ts_ms,
-                envelope: &envelope,
-            };
-            let on_commit = || -> Box<dyn FnOnce() + Send> {
-                let (tenant, envelope, recipients) =
-                    (tenant.clone(), envelope.clone(), recipients.clone());
-                let kind: Box<str> = kind.into();
-                Box::new(move || {
-                    if let Some(state) = tenant.lock().as_mut() {
-                        recipients.store(state.commit(envelope, &kind), Ordering::Relaxed);
-                    }
-                })
-            };
-            match self.inner.logs.append(entry, on_commit) {
-                Ok(Appended::Now) => {
-                    recipients.store(state.commit(envelope, kind), Ordering::Relaxed);
-                    (seq, None)
-                }
-                Ok(Appended::Queued(committed)) => (seq, Some(committed)),
-                Err(error) => {
-                    // Never queued, and the lock is still held: nobody saw it.
-                    state.log.unassign(seq);
-                    return Err(error.into());
-                }
-            }
-        };
-        if let Some(committed) = committed {
-            // A failure leaves `seq` as a hole that nobody saw (no socket, no
-            // replay, no head): this process never hands it out again. Only a
-            // restart could, if no later seq committed — still unseen by anyone.
-            committed.await?;
-        }
+    ) -> Result<Receipt, LogError> {
+        let receipt = self
+            .inner
+            .log
+            .append(&StreamKey::tenant(tenant), kind, data, target)
+            .await?;
         self.inner.metrics.messages_published.inc();
-        Ok(Receipt {
-            id,
-            seq,
-            recipients: recipients.load(Ordering::Relaxed),
-        })
-    }
-
-    /// Creates the tenant's log in the store with the epoch memory already
-    /// uses (connections may have been told it), then remembers that it exists.
-    async fn ensure_stored(&self, tenant: &Tenant, name: &str) -> Result<(), PublishError> {
-        let epoch = {
-            let mut guard = tenant.lock();
-            self.state(&mut guard).log.epoch().to_owned()
-        };
-        let (stored_epoch, stored_head) = self.inner.logs.ensure(name, &epoch).await?;
-        let mut guard = tenant.lock();
-        let log = &mut self.state(&mut guard).log;
-        if stored_epoch != log.epoch() || stored_head > log.head() {
-            tracing::warn!(
-                tenant = name,
-                "the store already had this log; adopting its epoch and head"
-            );
-            log.adopt(stored_epoch, stored_head);
-        }
-        tenant.stored.store(true, Ordering::Release);
-        Ok(())
+        Ok(receipt)
     }
 
     /// Registers a connection of `user` (acting as `role`) in `tenant`, with its
     /// resume snapshot when `resume` (since, epoch) is given.
     pub fn register(
         &self,
-        tenant: &str,
+        tenant_name: &str,
         user: &str,
         role: Role,
         resume: Option<(u64, &str)>,
@@ -285,43 +175,48 @@ impl Hub {
             self.inner.open.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::ServerFull);
         }
-        let tenant = self.tenant(tenant);
-        let mut guard = tenant.lock();
-        let state = self.state(&mut guard);
-        let tabs = state.users.get(user).map_or(0, Vec::len);
-        if tabs >= self.inner.limits.max_connections_per_user {
-            drop(guard);
-            self.inner.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::UserFull);
-        }
-        // Share one allocation of the user id between the index and the membership.
-        let user: Arc<str> = match state.users.get_key_value(user) {
-            Some((existing, _)) => Arc::clone(existing),
-            None => Arc::from(user),
+        let tenant = self.tenant(tenant_name);
+        let join = || {
+            let mut state = tenant.lock();
+            let tabs = state.users.get(user).map_or(0, Vec::len);
+            if tabs >= self.inner.limits.max_connections_per_user {
+                return Err(Refusal::UserFull);
+            }
+            // Share one allocation of the user id between the index and the membership.
+            let user: Arc<str> = match state.users.get_key_value(user) {
+                Some((existing, _)) => Arc::clone(existing),
+                None => Arc::from(user),
+            };
+            let id = self
+                .inner
+                .next_connection_id
+                .fetch_add(1, Ordering::Relaxed);
+            let outbox = Arc::new(Outbox::new(self.inner.limits.send_queue));
+            state.connections.insert(
+                id,
+                Connection {
+                    outbox: Arc::clone(&outbox),
+                    role,
+                },
+            );
+            state.users.entry(Arc::clone(&user)).or_default().push(id);
+            Ok((id, user, outbox))
         };
-        let id = self
-            .inner
-            .next_connection_id
-            .fetch_add(1, Ordering::Relaxed);
-        let outbox = Arc::new(Outbox::new(self.inner.limits.send_queue));
-        state.connections.insert(
-            id,
-            Connection {
-                outbox: Arc::clone(&outbox),
-                role,
-            },
-        );
-        state.users.entry(Arc::clone(&user)).or_default().push(id);
-        let snapshot = Snapshot {
-            epoch: state.log.epoch().to_owned(),
-            head: state.log.head(),
-            replay: resume.map(|(since, epoch)| state.log.resume(since, epoch, &user, role)),
-        };
+        let key = StreamKey::tenant(tenant_name);
+        let ((id, user, outbox), snapshot) =
+            match self.inner.log.attach(&key, resume, user, role, join) {
+                Ok(attached) => attached,
+                Err(refusal) => {
+                    self.inner.open.fetch_sub(1, Ordering::AcqRel);
+                    return Err(refusal);
+                }
+            };
         let replayed = snapshot.replay.as_ref().map_or(0, |r| r.entries.len());
-        state
-            .analytics
-            .connection(state.connections.len(), replayed);
-        drop(guard);
+        {
+            let mut state = tenant.lock();
+            let open = state.connections.len();
+            state.analytics.connection(open, replayed);
+        }
         self.inner.metrics.connections_total.inc();
         self.inner.metrics.connections_current.inc();
         let membership = Membership {
@@ -340,21 +235,15 @@ impl Hub {
         let Some(tenant) = tenants.get(tenant) else {
             return 0;
         };
-        let guard = tenant.lock();
-        guard
-            .as_ref()
-            .and_then(|s| s.users.get(user))
-            .map_or(0, Vec::len)
+        let state = tenant.lock();
+        state.users.get(user).map_or(0, Vec::len)
     }
 
     /// The tenant's per-minute counters for the last hour.
     pub fn analytics(&self, tenant: &str) -> Vec<Minute> {
         let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
         match tenants.get(tenant) {
-            Some(tenant) => tenant
-                .lock()
-                .as_ref()
-                .map_or_else(|| Analytics::default().report(), |s| s.analytics.report()),
+            Some(tenant) => tenant.lock().analytics.report(),
             None => Analytics::default().report(),
         }
     }
@@ -379,53 +268,18 @@ impl Hub {
             .tenants
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        // Memory logs need no store row; durable ones learn theirs on first publish.
-        let stored = !self.inner.logs.is_durable();
-        Arc::clone(tenants.entry(name.into()).or_insert_with(|| {
-            Arc::new(Tenant {
-                state: Mutex::default(),
-                stored: AtomicBool::new(stored),
-            })
-        }))
-    }
-
-    /// The tenant's state, created on first use (so a tenant costs nothing until then).
-    fn state<'a>(&self, guard: &'a mut MutexGuard<'_, Option<TenantState>>) -> &'a mut TenantState {
-        guard.get_or_insert_with(|| {
-            TenantState::new(TenantLog::new(
-                self.inner.limits.history_size,
-                self.inner.limits.history_bytes,
-            ))
-        })
+        Arc::clone(tenants.entry(name.into()).or_default())
     }
 }
 
 impl Tenant {
-    fn lock(&self) -> MutexGuard<'_, Option<TenantState>> {
+    fn lock(&self) -> MutexGuard<'_, TenantState> {
         // Every critical section leaves the state consistent, so a poisoned lock is usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl TenantState {
-    fn new(log: TenantLog) -> Self {
-        TenantState {
-            log,
-            connections: HashMap::new(),
-            users: HashMap::new(),
-            analytics: Analytics::default(),
-        }
-    }
-
-    /// A committed message of type `kind`: into the history, the addressed
-    /// outboxes and the counters. Returns how many connections it addressed.
-    fn commit(&mut self, envelope: Arc<Envelope>, kind: &str) -> usize {
-        let recipients = self.fan_out(&envelope);
-        self.log.push(envelope);
-        self.analytics.message(kind, recipients);
-        recipients
-    }
-
     /// Queues `envelope` for its addressees; returns how many connections it addressed.
     fn fan_out(&self, envelope: &Arc<Envelope>) -> usize {
         match &envelope.target {
@@ -456,17 +310,15 @@ impl TenantState {
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        let mut guard = self.tenant.lock();
-        if let Some(state) = guard.as_mut() {
-            state.connections.remove(&self.id);
-            if let Some(ids) = state.users.get_mut(&self.user) {
-                ids.retain(|id| *id != self.id);
-                if ids.is_empty() {
-                    state.users.remove(&self.user);
-                }
+        let mut state = self.tenant.lock();
+        state.connections.remove(&self.id);
+        if let Some(ids) = state.users.get_mut(&self.user) {
+            ids.retain(|id| *id != self.id);
+            if ids.is_empty() {
+                state.users.remove(&self.user);
             }
         }
-        drop(guard);
+        drop(state);
         self.hub.inner.open.fetch_sub(1, Ordering::AcqRel);
         self.hub.inner.metrics.connections_current.dec();
     }
@@ -475,17 +327,20 @@ impl Drop for Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::Engine;
     use outbox::Taken;
 
     fn hub(per_user: usize, total: usize) -> Hub {
         let limits = Limits {
-            history_size: 100,
-            history_bytes: usize::MAX,
             send_queue: 16,
             max_connections: total,
             max_connections_per_user: per_user,
         };
-        Hub::new(limits, Arc::new(Metrics::new()), LogStore::Memory)
+        Hub::new(
+            limits,
+            Arc::new(Metrics::new()),
+            Log::new(Engine::Memory, 100, usize::MAX),
+        )
     }
 
     fn data() -> Value {
@@ -593,24 +448,19 @@ mod tests {
             Store::open_with(dir.path(), StoreOptions::default()).unwrap()
         }
 
-        fn durable_hub(store: &Store, send_queue: usize) -> Hub {
+        async fn durable_hub(store: &Store, send_queue: usize) -> Hub {
             let limits = Limits {
-                history_size: 100,
-                history_bytes: usize::MAX,
                 send_queue,
                 max_connections: 100,
                 max_connections_per_user: 5,
             };
-            let hub = Hub::new(
-                limits,
-                Arc::new(Metrics::new()),
-                LogStore::Sqlite(store.clone()),
-            );
-            let logs = LogStore::Sqlite(store.clone())
-                .load(100, usize::MAX)
-                .unwrap();
-            hub.restore(logs);
-            hub
+            let log = Log::new(Engine::Sqlite(store.clone()), 100, usize::MAX);
+            log.restore().await.unwrap();
+            Hub::new(limits, Arc::new(Metrics::new()), log)
+        }
+
+        fn next_seq(hub: &Hub) -> u64 {
+            hub.inner.log.next_seq(&StreamKey::tenant("t"))
         }
 
         fn replayed(snapshot: Snapshot) -> Vec<u64> {
@@ -623,7 +473,7 @@ mod tests {
         async fn targets_and_epoch_survive_a_restart() {
             let dir = TempDir::new();
             let store = open(&dir);
-            let hub = durable_hub(&store, 16);
+            let hub = durable_hub(&store, 16).await;
             // A connection first: the tenant's epoch exists before its log does.
             let (user, snapshot) = hub.register("t", "bob", Role::User, None).unwrap();
             let epoch = snapshot.epoch;
@@ -644,7 +494,7 @@ mod tests {
             store.close().await;
 
             let store = open(&dir);
-            let hub = durable_hub(&store, 16);
+            let hub = durable_hub(&store, 16).await;
             let resume = Some((0, epoch.as_str()));
             let (_, bob) = hub.register("t", "bob", Role::User, resume).unwrap();
             assert_eq!((bob.epoch.as_str(), bob.head), (epoch.as_str(), 4));
@@ -664,34 +514,25 @@ mod tests {
         async fn a_closed_store_refuses_without_taking_a_seq_or_delivering() {
             let dir = TempDir::new();
             let store = open(&dir);
-            let hub = durable_hub(&store, 16);
+            let hub = durable_hub(&store, 16).await;
             let (member, _) = hub.register("t", "u", Role::User, None).unwrap();
             hub.publish("t", "x", &data(), Target::Broadcast)
                 .await
                 .unwrap();
             store.close().await;
             let refused = hub.publish("t", "x", &data(), Target::Broadcast).await;
-            assert_eq!(
-                refused.unwrap_err(),
-                PublishError::Unavailable(StoreError::Closed)
-            );
+            assert_eq!(refused.unwrap_err(), LogError::Closed);
             assert_eq!(seqs(&member), [1]);
             let (_, snapshot) = hub.register("t", "u", Role::User, None).unwrap();
             assert_eq!(snapshot.head, 1);
-            let guard = hub.tenant("t");
-            let mut guard = guard.lock();
-            assert_eq!(
-                hub.state(&mut guard).log.assign(),
-                2,
-                "a refused seq is free again"
-            );
+            assert_eq!(next_seq(&hub), 2, "a refused seq is free again");
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_publishes_reach_a_connection_in_seq_order() {
             let dir = TempDir::new();
             let store = open(&dir);
-            let hub = durable_hub(&store, 10_000);
+            let hub = durable_hub(&store, 10_000).await;
             let (member, _) = hub.register("t", "u", Role::User, None).unwrap();
             let tasks: Vec<_> = (0..8)
                 .map(|_| {
@@ -727,7 +568,7 @@ mod tests {
         async fn a_message_committed_after_the_snapshot_reaches_the_new_connection() {
             let dir = TempDir::new();
             let store = open(&dir);
-            let hub = durable_hub(&store, 16);
+            let hub = durable_hub(&store, 16).await;
             let (old, first) = hub.register("t", "u", Role::User, None).unwrap();
             hub.publish("t", "x", &data(), Target::Broadcast)
                 .await
@@ -740,13 +581,8 @@ mod tests {
                 let hub = hub.clone();
                 tokio::spawn(async move { hub.publish("t", "x", &data(), Target::Broadcast).await })
             };
-            let next_seq = || {
-                let tenant = hub.tenant("t");
-                let mut guard = tenant.lock();
-                hub.state(&mut guard).log.next_seq()
-            };
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while next_seq() < 3 {
+            while next_seq(&hub) < 3 {
                 assert!(std::time::Instant::now() < deadline, "seq 2 never assigned");
                 tokio::task::yield_now().await;
             }

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
-use super::wire::Envelope;
+use crate::log::Envelope;
 
 #[derive(Debug)]
 pub struct Outbox {

@@ -32,9 +32,10 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use super::outbox::Taken;
-use super::wire::{self, ClientFrame, Envelope};
+use super::wire::{self, ClientFrame};
 use super::{Hub, Membership, Refusal};
 use crate::auth::{unix_now, Authenticator, Claims};
+use crate::log::Envelope;
 use crate::shutdown::Shutdown;
 
 /// Close codes of SPEC §4.2.

@@ -1,33 +1,24 @@
-//! [`LogStore`]: where tenant logs are kept beyond the in-memory cache,
-//! chosen at start (`LOG_STORE`). The hub only calls [`LogStore::append`],
-//! [`LogStore::ensure`] and [`LogStore::load`]; its fan-out code does not
+//! [`Engine`]: where streams are kept beyond the in-memory cache, chosen at
+//! start (`LOG_STORE`). Only [`super::Log`] talks to it; the hub does not
 //! know which engine answers.
 //!
-//! - `memory`: nothing to wait for, the hub commits a message at once, under
-//!   the tenant lock it already holds. A restart forgets every log (a new epoch).
-//! - `sqlite`: the message goes to the store's writer queue; the writer calls
-//!   the hub back (`on_commit`) after the group commit that holds it, in
-//!   queue order, which is `seq` order because the hub queues under its lock.
+//! - `memory`: nothing to wait for; the log commits a message at once, under
+//!   the stream's cache lock. A restart forgets every log (a new epoch).
+//! - `sqlite`: the log picks the `seq` under the stream's order lock and
+//!   queues the message on the store's writer, so queue order is `seq` order;
+//!   the writer's `on_commit` only hands the committed message to the log's
+//!   delivery task, in that order.
 //!
-//! A Redis engine would slot in as a third variant: the same `Queued` answer,
-//! with the callback run after its atomic append.
+//! A Redis engine slots in as a third variant that picks the `seq` in its
+//! script and feeds the same delivery step from its subscriber.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::TenantLog;
-use crate::hub::wire::{Envelope, Target};
+use super::{Envelope, LogError, StreamKey, StreamLog, Target};
 use crate::store::{Store, StoreError, StoredMessage, StoredTarget, ViewUpdate};
-
-/// Runs once the message is committed (on the store's writer thread).
-pub type OnCommit = Box<dyn FnOnce() + Send>;
-
-/// Resolves when the message's transaction committed (or failed).
-pub type Committed = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// The `LOG_STORE` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -39,87 +30,84 @@ pub enum LogStoreKind {
     Memory,
 }
 
-/// The engine behind the tenant logs. Cloning is cheap.
+/// The engine behind the streams. Cloning is cheap.
 #[derive(Debug, Clone)]
-pub enum LogStore {
+pub enum Engine {
     Memory,
     Sqlite(Store),
 }
 
-/// What [`LogStore::append`] did with a message.
-pub enum Appended {
-    /// Nothing to wait for: the caller commits the message now, under the
-    /// lock it holds (the callback was not needed and never built).
-    Now,
-    /// Queued: the engine runs the callback after the commit; await the
-    /// future for the outcome (a 202 or a 503).
-    Queued(Committed),
+/// Resolves when the message's transaction committed (or failed).
+pub(super) type Commit =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+impl From<StoreError> for LogError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Invalid(text) => LogError::Invalid(text),
+            StoreError::Closed => LogError::Closed,
+            other => LogError::Unavailable(other.to_string()),
+        }
+    }
 }
 
-/// A message as the hub hands it to the engine.
-#[derive(Debug)]
-pub struct LogEntry<'a> {
-    pub tenant: &'a str,
-    pub kind: &'a str,
-    /// The message's `data`, for the views a `task_update` or `agent_update` changes.
-    pub data: &'a serde_json::Value,
-    pub id: &'a str,
-    pub ts_ms: i64,
-    pub envelope: &'a Envelope,
-}
-
-impl LogStore {
+impl Engine {
     /// Whether messages survive a restart (and a publish must wait for them).
     pub fn is_durable(&self) -> bool {
-        !matches!(self, LogStore::Memory)
+        !matches!(self, Engine::Memory)
     }
 
-    /// Hands `entry` to the engine. Never blocks: the hub calls this while
-    /// holding the tenant lock (so queue order is `seq` order) and the
-    /// callback `on_commit()` builds takes that same lock later. `Err` means
-    /// the message never got anywhere (queue full, store closed).
-    pub fn append(
+    /// Queues a message whose `seq` was just chosen, for a durable engine.
+    /// Never blocks: the log calls this under the stream's order lock.
+    /// `on_commit` runs (on the writer thread) once the message committed;
+    /// it is dropped unrun if it never does. `Err` means it never got
+    /// anywhere (queue full, store closed).
+    pub(super) fn append(
         &self,
-        entry: LogEntry<'_>,
-        on_commit: impl FnOnce() -> OnCommit,
-    ) -> Result<Appended, StoreError> {
+        key: &StreamKey,
+        entry: Entry<'_>,
+        on_commit: Box<dyn FnOnce() + Send>,
+    ) -> Result<Commit, LogError> {
+        let Engine::Sqlite(store) = self else {
+            return Err(LogError::Invalid("the memory engine queues nothing".into()));
+        };
+        let message = StoredMessage {
+            tenant: store_name(key)?.to_owned(),
+            seq: entry.envelope.seq,
+            target: stored_target(&entry.envelope.target),
+            kind: entry.envelope.kind.to_string(),
+            body: entry.envelope.text.as_str().to_owned(),
+            id: entry.id.to_owned(),
+            ts_ms: entry.ts_ms,
+            view: ViewUpdate::of(&entry.envelope.kind, entry.data),
+        };
+        Ok(Box::pin(store.try_append(message, on_commit)?))
+    }
+
+    /// Makes sure the stream has a log in the engine, created with `epoch`
+    /// if new; returns the engine's `(epoch, head)` for it.
+    pub(super) async fn ensure(
+        &self,
+        key: &StreamKey,
+        epoch: &str,
+    ) -> Result<(String, u64), LogError> {
         match self {
-            LogStore::Memory => Ok(Appended::Now),
-            LogStore::Sqlite(store) => {
-                let message = StoredMessage {
-                    tenant: entry.tenant.to_owned(),
-                    seq: entry.envelope.seq,
-                    target: stored_target(&entry.envelope.target),
-                    kind: entry.kind.to_owned(),
-                    body: entry.envelope.text.as_str().to_owned(),
-                    id: entry.id.to_owned(),
-                    ts_ms: entry.ts_ms,
-                    view: ViewUpdate::of(entry.kind, entry.data),
-                };
-                let committed = store.try_append(message, on_commit())?;
-                Ok(Appended::Queued(Box::pin(committed)))
-            }
+            Engine::Memory => Ok((epoch.to_owned(), 0)),
+            Engine::Sqlite(store) => Ok(store
+                .ensure_log_with_epoch(store_name(key)?, epoch.to_owned())
+                .await?),
         }
     }
 
-    /// Makes sure `tenant` has a log in the engine, created with `epoch` if
-    /// new; returns the engine's `(epoch, head)` for it.
-    pub async fn ensure(&self, tenant: &str, epoch: &str) -> Result<(String, u64), StoreError> {
-        match self {
-            LogStore::Memory => Ok((epoch.to_owned(), 0)),
-            LogStore::Sqlite(store) => store.ensure_log_with_epoch(tenant, epoch.to_owned()).await,
-        }
-    }
-
-    /// Every stored tenant log, rebuilt with its newest `history` messages
-    /// of at most `history_bytes` in all.
-    /// Blocking (reads the whole history): call it in `spawn_blocking`.
-    pub fn load(
+    /// Every stored stream, rebuilt with its newest `history` messages of
+    /// at most `history_bytes` in all. Blocking (reads the whole history):
+    /// call it in `spawn_blocking`.
+    pub(super) fn load(
         &self,
         history: usize,
         history_bytes: usize,
-    ) -> Result<Vec<(String, TenantLog)>, StoreError> {
-        let LogStore::Sqlite(store) = self else {
+    ) -> Result<Vec<(StreamKey, StreamLog)>, LogError> {
+        let Engine::Sqlite(store) = self else {
             return Ok(Vec::new());
         };
         let logs = store.load_logs(history, history_bytes)?;
@@ -131,20 +119,41 @@ impl LogStore {
                     Arc::new(Envelope {
                         seq: message.seq,
                         target: target_of(message.target),
+                        kind: message.kind.into_boxed_str(),
                         text: Utf8Bytes::from(message.body),
                         published_at: loaded_at,
                     })
                 });
-                let log = TenantLog::restore(
+                let log = StreamLog::restore(
                     stored.epoch,
                     stored.head,
                     envelopes,
                     history,
                     history_bytes,
                 );
-                (stored.tenant, log)
+                (StreamKey::tenant(&stored.tenant), log)
             })
             .collect())
+    }
+}
+
+/// What the engine keeps of a message besides its envelope.
+#[derive(Debug)]
+pub(super) struct Entry<'a> {
+    /// The message's `data`, for the views a `task_update` or `agent_update` changes.
+    pub data: &'a serde_json::Value,
+    pub id: &'a str,
+    pub ts_ms: i64,
+    pub envelope: &'a Envelope,
+}
+
+/// The SQLite store keys logs by tenant; channel streams come with the next issue.
+fn store_name(key: &StreamKey) -> Result<&str, LogError> {
+    match &key.channel {
+        None => Ok(&key.tenant),
+        Some(_) => Err(LogError::Invalid(
+            "channel streams are not stored yet".into(),
+        )),
     }
 }
 

@@ -15,7 +15,7 @@ use super::body::json_body;
 use super::{with_shared, Shared};
 use crate::auth::Claims;
 use crate::error::ApiError;
-use crate::hub::wire::Target;
+use crate::log::Target;
 use crate::store::{new_api_key, ApiKeyInfo};
 
 /// `{name}` of a new key.

@@ -12,8 +12,8 @@ use super::body::json_body;
 use super::{with_shared, Shared};
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::hub::wire::{Target, RESERVED_TYPES};
-use crate::hub::PublishError;
+use crate::hub::wire::RESERVED_TYPES;
+use crate::log::Target;
 
 /// POST /api/v1/ws/broadcast
 pub fn broadcast_publish(
@@ -118,13 +118,9 @@ async fn publish(
         .await;
     let receipt = match published {
         Ok(receipt) => receipt,
-        Err(PublishError::Invalid(text)) => return ApiError::Unprocessable(text).into_response(),
-        Err(PublishError::Unavailable(error)) => {
-            tracing::warn!(tenant = principal.tenant(), %error, "publish refused: the log is unavailable");
-            return ApiError::Unavailable(
-                "the message log is unavailable; nothing was published, retry later".into(),
-            )
-            .into_response();
+        Err(error) => {
+            tracing::warn!(tenant = principal.tenant(), %error, "publish refused");
+            return ApiError::from(error).into_response();
         }
     };
     tracing::debug!(tenant = principal.tenant(), kind = %body.kind, seq = receipt.seq, recipients = receipt.recipients, "published");

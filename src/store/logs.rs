@@ -34,7 +34,7 @@ impl Store {
     }
 
     /// Like [`Store::ensure_log`], but a log created now gets `epoch`: the
-    /// hub may already have told connections of a new tenant an epoch before
+    /// log may already have told connections of a new tenant an epoch before
     /// its first publish creates the log. An existing log keeps its own.
     pub async fn ensure_log_with_epoch(
         &self,
@@ -254,7 +254,7 @@ mod tests {
         let dir = TempDir::new();
         let store = Store::open(dir.path()).unwrap();
         store.ensure_log("acme").await.unwrap();
-        // As the hub does: take the seq and submit under one lock, await outside it.
+        // As the log does: take the seq and submit under one lock, await outside it.
         let next = Arc::new(Mutex::new(0u64));
         let delivered = Arc::new(Mutex::new(Vec::new()));
         let acked = Arc::new(AtomicU64::new(0));

@@ -124,11 +124,12 @@ pub(crate) const VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// Settings for the one read-write connection.
 ///
-/// [`Durability::Full`] (the default) is `synchronous = FULL`: in WAL mode
-/// every commit then waits for the WAL to reach the disk (one fsync per
-/// commit). NORMAL only fsyncs at checkpoints: still safe against `kill -9`
-/// (the OS holds the written pages, and the file never corrupts) but a power
-/// loss could drop commits already answered 202. Group commit makes one fsync
+/// [`Durability::Full`] is `synchronous = FULL`: in WAL mode every commit
+/// then waits for the WAL to reach the disk (one fsync per commit). NORMAL
+/// (the default) only fsyncs at checkpoints: still safe against `kill -9`
+/// (the OS holds the written pages, and the file never corrupts), and the
+/// store's WAL syncer (`sync.rs`) bounds what a power loss could drop to the
+/// last sync interval. Group commit makes one fsync
 /// cover a whole batch of publishes, which is what makes FULL affordable.
 pub(crate) fn configure_writer(
     conn: &Connection,

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::{Store, StoreError, StoredMessage};
 
-/// What a published message changes in the views. Built by the hub from the
+/// What a published message changes in the views. Built by the log from the
 /// message's `type` and `data` (already validated by the publish route); the
 /// fields the lists show are read from `data` by SQLite itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

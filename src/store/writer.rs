@@ -3,9 +3,9 @@
 //! Requests arrive in order over one bounded queue. The thread blocks for
 //! the first, takes whatever else is already queued (up to [`BATCH_MAX`]),
 //! and runs them all in ONE transaction. After `COMMIT` returns it runs each
-//! message's `on_commit` in submission order (the hub fans out there, so a
-//! socket only ever sees committed messages, in `seq` order) and then wakes
-//! the waiters. If the transaction fails, nobody's `on_commit` runs and every
+//! message's `on_commit` in submission order (the log hands the message to
+//! its delivery step there — no fan-out on this thread — so a socket only
+//! ever sees committed messages, in `seq` order) and then wakes the waiters. If the transaction fails, nobody's `on_commit` runs and every
 //! waiter gets the error. While one batch commits (an fsync), the next one
 //! queues up behind it, so the cost of the fsync is shared by everything
 //! that arrived meanwhile.
