@@ -24,7 +24,8 @@
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
 //! - [`store`]: the SQLite file — durable tenant logs (one writer thread, group
 //!   commit), the views of SPEC §5, accounts, API keys.
-//! - [`bench`]: the load tool (`agentcast bench`).
+//! - [`bench`]: the load tool (`agentcast bench`), a client of the server.
+//! - [`units`]: durations, sizes and switches as flags spell them (a leaf).
 //!
 //! A message's path: `routes::publish` validates it and calls
 //! `hub::Hub::publish`, which hands it to `log::Log::append`: the log's engine
@@ -50,3 +51,4 @@ pub mod metrics;
 pub mod routes;
 pub mod shutdown;
 pub mod store;
+pub mod units;

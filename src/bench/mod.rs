@@ -45,8 +45,9 @@
 //! ```
 //!
 //! The tool is a client of the server, not a part of it: it imports none of
-//! the server's modules (no `crate::` path in `src/bench`), so it measures the
-//! contract and cannot lean on internals; `agentcast bench` only calls [`main`].
+//! the server's modules (its only `crate::` path is the leaf [`crate::units`],
+//! which parses its duration flags), so it measures the contract and cannot
+//! lean on internals; `agentcast bench` only calls [`main`].
 
 mod fleet;
 mod publisher;
@@ -87,7 +88,7 @@ pub struct BenchArgs {
 
     /// How long idle connections are held before measuring (idle, default 5s), or how
     /// long to publish (rate, default 10s).
-    #[arg(long, value_parser = duration_flag)]
+    #[arg(long, value_parser = crate::units::parse_duration)]
     pub duration: Option<Duration>,
 
     /// Distinct users the connections belong to, round robin [default: one per
@@ -120,7 +121,7 @@ pub struct BenchArgs {
     pub tenant: Option<String>,
 
     /// Deliveries still missing after this long without progress are reported lost.
-    #[arg(long, default_value = "10s", value_parser = duration_flag)]
+    #[arg(long, default_value = "10s", value_parser = crate::units::parse_duration)]
     pub timeout: Duration,
 
     /// Also print the figures as one JSON line (the last line of the output).
@@ -296,48 +297,9 @@ fn load_secret(given: Option<&str>, data_dir: &std::path::Path) -> Result<String
     }
 }
 
-/// A duration flag: a number with `ms`, `s` (the default), `m` or `h`. The
-/// tool's own, like everything here: it shares no code with the server.
-fn duration_flag(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration '{text}'"))?;
-    let unit_ms: u64 = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in '{text}' (use ms, s, m or h)"
-            ))
-        }
-    };
-    n.checked_mul(unit_ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("duration '{text}' is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn duration_flags_take_ms_s_and_m() {
-        assert_eq!(duration_flag("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(duration_flag("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(duration_flag("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration_flag("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(duration_flag("1h"), Ok(Duration::from_secs(3600)));
-        assert!(duration_flag("2d").is_err());
-        assert!(duration_flag("s").is_err());
-        assert!(duration_flag("99999999999999999999m").is_err());
-    }
 
     #[test]
     fn endpoint_keeps_host_and_port() {

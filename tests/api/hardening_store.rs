@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{seq_of, spawn_app_with, DataDir, TestApp};
+use crate::helpers::{get_view, seq_of, spawn_app_with, DataDir, TestApp};
 use crate::resume::read_replay;
 
 /// `HISTORY_BYTES` of the byte-bound tests.
@@ -73,19 +73,6 @@ async fn history_bytes_bounds_the_resume_before_history_size_and_after_a_restart
     assert_eq!(replay["to"], *seqs.last().unwrap());
 }
 
-/// A view list as `token` sees it.
-async fn view(app: &TestApp, path: &str, token: &str) -> Value {
-    let response = app
-        .http
-        .get(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("GET a view");
-    assert_eq!(response.status(), 200, "GET {path}");
-    response.json().await.expect("a JSON view")
-}
-
 /// The entry of `list` whose `key` is `id`.
 fn entry<'a>(body: &'a Value, list: &str, key: &str, id: &str) -> &'a Value {
     body[list]
@@ -125,7 +112,7 @@ async fn views_never_show_bob_the_fields_of_a_message_to_alice() {
     .await;
 
     let bob = app.user_token("bob");
-    let tasks = view(&app, "/api/v1/tasks", &bob).await;
+    let tasks = get_view(&app, "/api/v1/tasks", &bob).await;
     let t1 = entry(&tasks, "tasks", "task_id", "t1");
     assert_eq!(
         (&t1["status"], &t1["seq"]),
@@ -137,14 +124,14 @@ async fn views_never_show_bob_the_fields_of_a_message_to_alice() {
         "bob sees alice's fields: {t1}"
     );
     assert!(!tasks.to_string().contains("alice's"), "{tasks}");
-    let agents = view(&app, "/api/v1/agents", &bob).await;
+    let agents = get_view(&app, "/api/v1/agents", &bob).await;
     let a1 = entry(&agents, "agents", "agent_id", "a1");
     assert!(a1["name"].is_null(), "bob sees alice's agent name: {a1}");
     assert!(!agents.to_string().contains("alice's"), "{agents}");
 
     // The admin sees the latest entry, all of it: what bob's message set.
     let admin = app.admin_token();
-    let tasks = view(&app, "/api/v1/tasks", &admin).await;
+    let tasks = get_view(&app, "/api/v1/tasks", &admin).await;
     let t1 = entry(&tasks, "tasks", "task_id", "t1");
     assert_eq!(
         (&t1["status"], &t1["seq"]),
@@ -152,13 +139,13 @@ async fn views_never_show_bob_the_fields_of_a_message_to_alice() {
         "{t1}"
     );
     assert_eq!(t1["data"], json!({"task_id": "t1", "status": "completed"}));
-    let agents = view(&app, "/api/v1/agents", &admin).await;
+    let agents = get_view(&app, "/api/v1/agents", &admin).await;
     assert_eq!(
         entry(&agents, "agents", "agent_id", "a1")["data"]["action"],
         "updated"
     );
     // And alice no longer sees an entry bob's message set.
-    let alice = view(&app, "/api/v1/tasks", &app.user_token("alice")).await;
+    let alice = get_view(&app, "/api/v1/tasks", &app.user_token("alice")).await;
     assert_eq!(alice["tasks"], json!([]), "{alice}");
 }
 

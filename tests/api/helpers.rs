@@ -721,3 +721,18 @@ pub fn seq_of(frame: &Value) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("frame without a numeric seq: {frame}"))
 }
+
+/// GET a view (`/api/v1/tasks`, `/api/v1/agents`, …) as `token`: 200 and its JSON.
+pub async fn get_view(app: &TestApp, path: &str, token: &str) -> Value {
+    let response = app
+        .http
+        .get(app.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET failed");
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "GET {path}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}): {text}"))
+}

@@ -4,21 +4,9 @@
 use agentcast::auth::Role;
 use serde_json::{json, Value};
 
-use crate::helpers::{accepted, assert_error, seq_of, spawn_app, spawn_app_with, TestApp};
-
-async fn get_view(app: &TestApp, path: &str, token: &str) -> Value {
-    let response = app
-        .http
-        .get(app.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("GET failed");
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    assert_eq!(status, 200, "GET {path}: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}): {text}"))
-}
+use crate::helpers::{
+    accepted, assert_error, get_view, seq_of, spawn_app, spawn_app_with, TestApp,
+};
 
 /// The `task_id`s (or `agent_id`s) of a list, in its order.
 fn ids(body: &Value, list: &str, id: &str) -> Vec<String> {
