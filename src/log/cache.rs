@@ -217,15 +217,7 @@ mod tests {
 
     /// A broadcast whose frame text is `len` bytes or a little more.
     fn sized(seq: u64, len: usize) -> Arc<Envelope> {
-        let data = serde_json::json!({ "pad": "x".repeat(len) });
-        Arc::new(Envelope::encode(
-            "t",
-            &data,
-            "id",
-            seq,
-            "ts",
-            Target::Broadcast,
-        ))
+        Envelope::for_test_with(seq, &serde_json::json!({ "pad": "x".repeat(len) }))
     }
 
     #[test]

@@ -76,10 +76,15 @@ impl Envelope {
     /// A broadcast with empty data, for unit tests of the queues and logs.
     #[cfg(test)]
     pub fn for_test(seq: u64) -> std::sync::Arc<Self> {
-        let data = serde_json::json!({});
+        Envelope::for_test_with(seq, &serde_json::json!({}))
+    }
+
+    /// A broadcast of `data`, for unit tests of the queues and logs.
+    #[cfg(test)]
+    pub fn for_test_with(seq: u64, data: &Value) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Envelope::encode(
             "t",
-            &data,
+            data,
             "id",
             seq,
             "ts",
