@@ -27,11 +27,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::accounts::Accounts;
 use crate::auth::Authenticator;
-use crate::config::{ConfigError, Settings, StoreSync};
+use crate::config::{ConfigError, RedisSettings, Settings, StoreSync};
 use crate::hub::session::{self, SessionConfig};
 use crate::hub::{Hub, Limits};
+use crate::log::redis::RedisLog;
 use crate::log::{Engine, Log, LogError, LogStoreKind};
 use crate::metrics::Metrics;
+use crate::redis::{Redis, RedisError};
 use crate::routes::{self, PeerAddr, Shared};
 use crate::shutdown::Shutdown;
 use crate::store::{Durability, Store, StoreError, StoreOptions};
@@ -52,6 +54,8 @@ const UNREAD_BODY_DRAIN: usize = 1 << 20;
 /// Longest the rest of an unread request body is waited for before the
 /// response goes out with `Connection: close`.
 const UNREAD_BODY_WAIT: Duration = Duration::from_secs(5);
+/// How long a starting node waits for its Redis (and its subscription).
+const REDIS_START_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -63,6 +67,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("cannot load the logs: {0}")]
     Log(#[from] LogError),
+    #[error("cannot use REDIS_URL: {0}")]
+    Redis(RedisError),
 }
 
 /// Binds `addr` with a large accept backlog.
@@ -86,13 +92,24 @@ pub async fn serve(
 ) -> Result<(), AppError> {
     let auth = Arc::new(Authenticator::new(&settings)?);
     let store = open_store(&settings).await?;
-    let metrics = Arc::new(Metrics::new());
-    let engine = match settings.log_store {
-        LogStoreKind::Sqlite => Engine::Sqlite(store.clone()),
-        LogStoreKind::Memory => Engine::Memory,
+    let metrics = Arc::new(Metrics::for_node(Some(&settings.node_id)));
+    let redis = match &settings.redis {
+        Some(redis) => Some(connect_redis(redis, &settings.node_id).await?),
+        None => None,
+    };
+    let engine = match (&redis, settings.log_store) {
+        (Some(redis), _) => Engine::Redis(Box::new(RedisLog::new(redis.clone(), metrics.clone()))),
+        (None, LogStoreKind::Sqlite) => Engine::Sqlite(store.clone()),
+        (None, LogStoreKind::Memory) => Engine::Memory,
     };
     let log = Log::new(engine, settings.history_size, settings.history_bytes);
     restore_logs(&log).await?;
+    if redis.is_some() && !log.wait_ready(REDIS_START_WAIT).await {
+        return Err(AppError::Redis(RedisError(format!(
+            "the Redis subscription did not come up within {REDIS_START_WAIT:?}"
+        ))));
+    }
+    let log_handle = log.clone();
     let hub = Hub::new(
         Limits {
             send_queue: settings.send_queue,
@@ -137,7 +154,9 @@ pub async fn serve(
         max_message_bytes: settings.max_message_bytes,
         allowed_origins: settings.allowed_origins.clone(),
         metrics_token: settings.metrics_token.clone(),
-        node: node_name(),
+        node: settings.node_id.clone(),
+        log: log_handle,
+        redis,
     });
     let service = warp::service(routes::all(shared));
 
@@ -347,16 +366,21 @@ fn base_url(listener: &TcpListener) -> std::io::Result<String> {
     Ok(format!("http://{host}"))
 }
 
-/// fly.io names each machine; elsewhere the host name will do.
-fn node_name() -> String {
-    std::env::var("FLY_MACHINE_ID")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .ok()
-        .filter(|n| !n.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_else(|| "local".to_owned())
+/// Connects to the shared Redis, retrying for [`REDIS_START_WAIT`]: nodes
+/// of a deployment often boot before (or while) their Redis does.
+async fn connect_redis(settings: &RedisSettings, node: &str) -> Result<Redis, AppError> {
+    let deadline = tokio::time::Instant::now() + REDIS_START_WAIT;
+    loop {
+        match Redis::connect(settings, node).await {
+            Ok(redis) => {
+                tracing::info!(node, prefix = %settings.prefix, "connected to redis");
+                return Ok(redis);
+            }
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%error, "redis not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(AppError::Redis(error)),
+        }
+    }
 }

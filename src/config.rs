@@ -41,7 +41,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint a token signed with the configured secret.
     Token(TokenArgs),
     /// Maintenance of the data folder (works while the server runs, too).
@@ -148,6 +148,21 @@ pub struct ServeArgs {
     /// Bearer token required by /metrics; unset leaves it open.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+
+    /// Redis shared by several nodes (`redis://[user:password@]host:port[/db]`).
+    /// Set: logs, views, presence, accounts and API keys live there, and
+    /// JWT_SECRET is required.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Namespace of every Redis key, so deployments can share a Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "agentcast")]
+    pub redis_prefix: String,
+
+    /// This node's name in logs, stats and metrics (default: FLY_MACHINE_ID,
+    /// else the hostname plus a random suffix).
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
 }
 
 /// Flags of the embedded accounts: bootstrap admin, signup, login tokens.
@@ -379,8 +394,20 @@ pub struct Settings {
     pub allowed_origins: Option<Vec<String>>,
     pub shutdown_timeout: Duration,
     pub metrics_token: Option<Secret>,
+    /// `REDIS_URL`: cluster mode.
+    pub redis: Option<RedisSettings>,
+    /// `NODE_ID`, resolved.
+    pub node_id: String,
     /// Period the client is told to ping at (`heartbeat_s` of the `connected` frame).
     pub heartbeat: Duration,
+}
+
+/// Where the nodes of one deployment meet.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// May hold a password: never logged (`Secret`).
+    pub url: Secret,
+    pub prefix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -398,7 +425,12 @@ impl Settings {
     /// Validates flags, creating the data folder and the JWT secret file if needed.
     pub fn from_args(args: ServeArgs) -> Result<Settings, ConfigError> {
         check_writable(&args.data_dir)?;
-        let jwt_secret = resolve_secret(args.jwt_secret, &args.data_dir)?;
+        let redis_url = args.redis_url.filter(|u| !u.is_empty());
+        let given_secret = args.jwt_secret.filter(|s| !s.is_empty());
+        if redis_url.is_some() && given_secret.is_none() {
+            return Err(ConfigError::Invalid(REDIS_NEEDS_SECRET.to_owned()));
+        }
+        let jwt_secret = resolve_secret(given_secret, &args.data_dir)?;
         let settings = Settings {
             bind: args.bind,
             port: args.port,
@@ -431,6 +463,14 @@ impl Settings {
             }),
             shutdown_timeout: args.shutdown_timeout,
             metrics_token: args.metrics_token.filter(|t| !t.is_empty()).map(Secret),
+            redis: redis_url.map(|url| RedisSettings {
+                url: Secret(url),
+                prefix: args.redis_prefix,
+            }),
+            node_id: args
+                .node_id
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(default_node_id),
             heartbeat: Duration::from_secs(25),
         };
         settings.validate()?;
@@ -465,6 +505,8 @@ impl Settings {
             allowed_origins: None,
             shutdown_timeout: Duration::from_secs(10),
             metrics_token: None,
+            redis: None,
+            node_id: "test".to_owned(),
             heartbeat: Duration::from_secs(25),
         }
     }
@@ -521,7 +563,62 @@ impl Settings {
             self.max_connections_per_user >= 1,
             "MAX_CONNECTIONS_PER_USER must be at least 1",
         )?;
+        check(
+            valid_node_id(&self.node_id),
+            "NODE_ID must be 1-64 of [A-Za-z0-9_.-]",
+        )?;
+        if let Some(redis) = &self.redis {
+            check(
+                redis.url.expose().starts_with("redis://"),
+                "REDIS_URL must start with redis://",
+            )?;
+            check(
+                !redis.prefix.is_empty()
+                    && redis.prefix.len() <= 64
+                    && !redis.prefix.contains(char::is_whitespace),
+                "REDIS_PREFIX must be 1-64 characters without spaces",
+            )?;
+        }
         Ok(())
+    }
+}
+
+/// Why a node with `REDIS_URL` refuses to start without `JWT_SECRET`.
+pub const REDIS_NEEDS_SECRET: &str =
+    "REDIS_URL is set but JWT_SECRET is not: every node must sign \
+     and check tokens with the same secret (a secret generated per node would make the nodes \
+     refuse each other's tokens); set the same JWT_SECRET on every node";
+
+fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// `FLY_MACHINE_ID`, else the hostname plus a random suffix (two containers
+/// may share a hostname), cut to what `NODE_ID` allows.
+fn default_node_id() -> String {
+    if let Some(id) = std::env::var("FLY_MACHINE_ID")
+        .ok()
+        .filter(|id| valid_node_id(id))
+    {
+        return id;
+    }
+    let host: String = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        .take(48)
+        .collect();
+    let suffix = &crate::auth::random_token(6);
+    if host.is_empty() {
+        format!("node-{suffix}")
+    } else {
+        format!("{host}-{suffix}")
     }
 }
 

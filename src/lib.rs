@@ -48,6 +48,7 @@ pub mod error;
 pub mod hub;
 pub mod log;
 pub mod metrics;
+pub mod redis;
 pub mod routes;
 pub mod shutdown;
 pub mod store;

@@ -39,6 +39,7 @@ use crate::auth::Role;
 mod cache;
 mod engine;
 mod message;
+pub mod redis;
 
 pub use cache::StreamLog;
 pub use engine::{Engine, LogStoreKind};
@@ -89,6 +90,10 @@ pub trait Sink: Send + Sync + 'static {
     /// connections it addressed. Called in `seq` order per stream, under the
     /// stream's cache lock: it must not block nor call back into the log.
     fn deliver(&self, stream: &StreamKey, envelope: &Arc<Envelope>) -> usize;
+    /// The stream's history changed under its connections (a new epoch, or
+    /// messages this node missed and can no longer get): close them with
+    /// 1012 so their clients resume. Called under the stream's cache lock.
+    fn reset(&self, stream: &StreamKey);
 }
 
 /// What a resuming connection gets: the frames to replay and the summary frame.
@@ -171,21 +176,48 @@ impl Log {
     /// this starts the delivery task, so call it inside the runtime.
     pub fn new(engine: Engine, history_size: usize, history_bytes: usize) -> Self {
         let sink: Arc<OnceLock<Arc<dyn Sink>>> = Arc::default();
-        let delivery = engine.is_durable().then(|| {
+        let delivery = engine.is_queued().then(|| {
             let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
             tokio::spawn(deliver_committed(rx, sink.clone()));
             tx
         });
-        Log {
-            inner: Arc::new(Inner {
-                streams: RwLock::default(),
-                engine,
-                history_size,
-                history_bytes,
-                sink,
-                delivery,
-            }),
+        let inner = Arc::new(Inner {
+            streams: RwLock::default(),
+            engine,
+            history_size,
+            history_bytes,
+            sink,
+            delivery,
+        });
+        if let Engine::Redis(engine) = &inner.engine {
+            tokio::spawn(redis::subscriber(
+                (**engine).clone(),
+                Arc::downgrade(&inner),
+            ));
         }
+        Log { inner }
+    }
+
+    /// With the Redis engine: whether this node is subscribed and caught up
+    /// (always true for the others).
+    pub fn ready(&self) -> bool {
+        match &self.inner.engine {
+            Engine::Redis(engine) => engine.health().ready(),
+            _ => true,
+        }
+    }
+
+    /// Waits (at most `limit`) until [`Log::ready`], so a node serves only
+    /// once it holds every stream of the shared Redis.
+    pub async fn wait_ready(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.ready() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// Where committed messages go from now on (set once; later calls are ignored).
@@ -232,6 +264,19 @@ impl Log {
         }
         let id = uuid::Uuid::new_v4().to_string();
         let (ts, ts_ms) = timestamp_with_ms();
+        if let Engine::Redis(engine) = &self.inner.engine {
+            // Redis picks the seq; every node delivers from its subscriber.
+            let (head, tail) = Envelope::frame_around_seq(kind, data, &id, &ts);
+            let limits = (self.inner.history_size, self.inner.history_bytes);
+            let published = engine
+                .publish(key, kind, &target, (&head, &tail), data, ts_ms, limits)
+                .await?;
+            return Ok(Receipt {
+                id,
+                seq: published.seq,
+                recipients: published.recipients,
+            });
+        }
         let Some(delivery) = &self.inner.delivery else {
             // Memory: committed the moment it is in the history.
             let mut cache = stream.lock_cache();
@@ -340,8 +385,17 @@ impl Log {
     }
 
     fn stream(&self, key: &StreamKey) -> Arc<Stream> {
+        self.inner.stream(key)
+    }
+
+    fn write_streams(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<StreamKey, Arc<Stream>>> {
+        self.inner.write_streams()
+    }
+}
+
+impl Inner {
+    fn stream(&self, key: &StreamKey) -> Arc<Stream> {
         if let Some(stream) = self
-            .inner
             .streams
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -349,9 +403,9 @@ impl Log {
         {
             return Arc::clone(stream);
         }
-        // Memory logs need no engine row; durable ones learn theirs on first append.
-        let stored = !self.inner.engine.is_durable();
-        let (history, bytes) = (self.inner.history_size, self.inner.history_bytes);
+        // Only SQLite logs need their row; they learn theirs on first append.
+        let stored = !self.engine.is_queued();
+        let (history, bytes) = (self.history_size, self.history_bytes);
         Arc::clone(self.write_streams().entry(key.clone()).or_insert_with(|| {
             Arc::new(Stream {
                 key: key.clone(),
@@ -363,10 +417,68 @@ impl Log {
     }
 
     fn write_streams(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<StreamKey, Arc<Stream>>> {
-        self.inner
+        self.streams.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The Redis subscriber's way in: messages of every node, applied in seq
+/// order per stream, into the same cache and sink as local commits.
+impl redis::Apply for Inner {
+    fn apply(&self, incoming: redis::Incoming) -> Result<(), u64> {
+        let stream = self.stream(&incoming.stream);
+        let mut cache = stream.lock_cache();
+        if cache.epoch() != incoming.epoch {
+            if cache.head() == 0 {
+                // Nothing delivered yet: the first message names the epoch.
+                cache.adopt(incoming.epoch, 0);
+            } else {
+                // Redis lost this log and began another: start over.
+                *cache =
+                    StreamLog::with_epoch(incoming.epoch, self.history_size, self.history_bytes);
+                reset(&self.sink, &stream.key);
+            }
+        }
+        let (head, seq) = (cache.head(), incoming.envelope.seq);
+        if seq <= head {
+            return Ok(());
+        }
+        if seq > head + 1 {
+            return Err(head);
+        }
+        cache.push(Arc::clone(&incoming.envelope));
+        deliver(&self.sink, &stream.key, &incoming.envelope);
+        Ok(())
+    }
+
+    fn resync(&self, key: &StreamKey, epoch: &str, head: u64, entries: Vec<redis::Incoming>) {
+        let stream = self.stream(key);
+        let mut cache = stream.lock_cache();
+        *cache = StreamLog::restore(
+            epoch.to_owned(),
+            head,
+            entries.into_iter().map(|incoming| incoming.envelope),
+            self.history_size,
+            self.history_bytes,
+        );
+        reset(&self.sink, key);
+    }
+
+    fn local_heads(&self) -> Vec<(StreamKey, String, u64)> {
+        let streams: Vec<Arc<Stream>> = self
             .streams
-            .write()
+            .read()
             .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        streams
+            .iter()
+            .filter_map(|stream| {
+                let cache = stream.lock_cache();
+                (cache.head() > 0)
+                    .then(|| (stream.key.clone(), cache.epoch().to_owned(), cache.head()))
+            })
+            .collect()
     }
 }
 
@@ -383,6 +495,12 @@ impl Stream {
 
 fn deliver(sink: &OnceLock<Arc<dyn Sink>>, key: &StreamKey, envelope: &Arc<Envelope>) -> usize {
     sink.get().map_or(0, |sink| sink.deliver(key, envelope))
+}
+
+fn reset(sink: &OnceLock<Arc<dyn Sink>>, key: &StreamKey) {
+    if let Some(sink) = sink.get() {
+        sink.reset(key);
+    }
 }
 
 /// The delivery step of durable engines: committed messages, in commit
@@ -429,6 +547,8 @@ mod tests {
             self.0.lock().unwrap().push(name);
             1
         }
+
+        fn reset(&self, _: &StreamKey) {}
     }
 
     /// The store's writer thread only commits: the fan-out (the sink) runs

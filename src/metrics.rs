@@ -34,11 +34,33 @@ pub struct Metrics {
     pub publish_duration: Histogram,
     /// From accepted publish to the frame written to a socket, in seconds.
     pub delivery_latency: Histogram,
+    /// Failed Redis commands and lost subscriptions (cluster mode).
+    pub redis_errors: Counter<u64, AtomicU64>,
+    /// Times the Redis subscription was set up again.
+    pub redis_reconnects: Counter<u64, AtomicU64>,
+    /// Gaps in a stream's seq filled from the Redis history.
+    pub redis_gap_fills: Counter<u64, AtomicU64>,
+    /// From the publishing node's script call to this node's subscriber, in seconds.
+    pub redis_pubsub_lag: Histogram,
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::default();
+        Metrics::for_node(None)
+    }
+
+    /// Metrics whose every series carries `node="<NODE_ID>"` when given.
+    pub fn for_node(node: Option<&str>) -> Self {
+        let mut registry = match node {
+            Some(node) => Registry::with_labels(
+                [(
+                    std::borrow::Cow::Borrowed("node"),
+                    std::borrow::Cow::Owned(node.to_owned()),
+                )]
+                .into_iter(),
+            ),
+            None => Registry::default(),
+        };
         let m = Metrics {
             started: Instant::now(),
             connections_total: Counter::default(),
@@ -52,6 +74,11 @@ impl Metrics {
             // 10 µs .. ~5 s
             publish_duration: Histogram::new(exponential_buckets(0.000_01, 2.5, 15)),
             delivery_latency: Histogram::new(exponential_buckets(0.000_01, 2.5, 15)),
+            redis_errors: Counter::default(),
+            redis_reconnects: Counter::default(),
+            redis_gap_fills: Counter::default(),
+            // 1 ms .. ~16 s (the clocks of two nodes: milliseconds at best)
+            redis_pubsub_lag: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,6 +130,26 @@ impl Metrics {
             "agentcast_delivery_latency_seconds",
             "Accepted publish to frame written to the socket",
             m.delivery_latency.clone(),
+        );
+        registry.register(
+            "agentcast_redis_errors",
+            "Failed Redis commands and lost subscriptions",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "agentcast_redis_reconnects",
+            "Redis subscriptions set up again",
+            m.redis_reconnects.clone(),
+        );
+        registry.register(
+            "agentcast_redis_gap_fills",
+            "Seq gaps filled from the Redis history",
+            m.redis_gap_fills.clone(),
+        );
+        registry.register(
+            "agentcast_redis_pubsub_lag_seconds",
+            "Publishing node to this node's subscriber",
+            m.redis_pubsub_lag.clone(),
         );
         Metrics { registry, ..m }
     }

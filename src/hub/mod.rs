@@ -120,6 +120,20 @@ impl Sink for HubSink {
         state.analytics.message(&envelope.kind, recipients);
         recipients
     }
+
+    fn reset(&self, stream: &StreamKey) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        if stream.channel.is_some() {
+            return;
+        }
+        let tenant = Hub { inner }.tenant(&stream.tenant);
+        let state = tenant.lock();
+        for connection in state.connections.values() {
+            connection.outbox.restart();
+        }
+    }
 }
 
 impl Hub {
@@ -351,6 +365,7 @@ mod tests {
         match membership.outbox.take() {
             Taken::Frames(frames) => frames.iter().map(|e| e.seq).collect(),
             Taken::Overflowed => panic!("overflowed"),
+            Taken::Restart => panic!("restarted"),
         }
     }
 

@@ -26,6 +26,8 @@ pub struct Outbox {
 struct State {
     queue: VecDeque<Arc<Envelope>>,
     overflowed: bool,
+    /// The log's history changed under this connection: close it with 1012.
+    restart: bool,
 }
 
 /// What [`Outbox::take`] hands to the session.
@@ -33,6 +35,8 @@ pub enum Taken {
     Frames(VecDeque<Arc<Envelope>>),
     /// The queue overflowed: the connection must be closed with 4503.
     Overflowed,
+    /// The stream started over (a new epoch): close with 1012 so the client resumes.
+    Restart,
 }
 
 impl Outbox {
@@ -47,7 +51,7 @@ impl Outbox {
     /// Queues `envelope`; returns false (and marks the outbox) if it is full.
     pub fn push(&self, envelope: &Arc<Envelope>) -> bool {
         let mut state = self.lock();
-        if state.overflowed {
+        if state.overflowed || state.restart {
             return false;
         }
         if state.queue.len() >= self.capacity {
@@ -66,11 +70,21 @@ impl Outbox {
         true
     }
 
-    /// Ready when there is something to take (frames or an overflow).
+    /// Drops what is queued and has the session close with 1012: nothing
+    /// more of the old history reaches this connection.
+    pub fn restart(&self) {
+        let mut state = self.lock();
+        state.restart = true;
+        state.queue = VecDeque::new();
+        drop(state);
+        self.waker.wake();
+    }
+
+    /// Ready when there is something to take (frames, an overflow, a restart).
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
         let state = self.lock();
-        if state.overflowed || !state.queue.is_empty() {
+        if state.overflowed || state.restart || !state.queue.is_empty() {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -86,6 +100,8 @@ impl Outbox {
         let mut state = self.lock();
         if state.overflowed {
             Taken::Overflowed
+        } else if state.restart {
+            Taken::Restart
         } else {
             Taken::Frames(std::mem::take(&mut state.queue))
         }

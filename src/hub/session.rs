@@ -343,6 +343,7 @@ impl Session {
                 Taken::Overflowed => {
                     return Err(Ending::Close(close::SLOW_CONSUMER, "slow consumer"))
                 }
+                Taken::Restart => return Err(Ending::Close(close::RESTART, "log restarted")),
                 Taken::Frames(frames) => self.pending = frames,
             }
         }

@@ -32,7 +32,7 @@ impl StreamLog {
         StreamLog::with_epoch(epoch, capacity, max_bytes)
     }
 
-    fn with_epoch(epoch: String, capacity: usize, max_bytes: usize) -> Self {
+    pub fn with_epoch(epoch: String, capacity: usize, max_bytes: usize) -> Self {
         StreamLog {
             epoch,
             head: 0,

@@ -9,8 +9,9 @@
 //!   the writer's `on_commit` only hands the committed message to the log's
 //!   delivery task, in that order.
 //!
-//! A Redis engine slots in as a third variant that picks the `seq` in its
-//! script and feeds the same delivery step from its subscriber.
+//! - `redis` (`REDIS_URL`): the Redis script picks the `seq`; every node,
+//!   the publishing one included, delivers from its subscriber (see
+//!   [`super::redis`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +36,7 @@ pub enum LogStoreKind {
 pub enum Engine {
     Memory,
     Sqlite(Store),
+    Redis(Box<super::redis::RedisLog>),
 }
 
 /// Resolves when the message's transaction committed (or failed).
@@ -52,9 +54,11 @@ impl From<StoreError> for LogError {
 }
 
 impl Engine {
-    /// Whether messages survive a restart (and a publish must wait for them).
-    pub fn is_durable(&self) -> bool {
-        !matches!(self, Engine::Memory)
+    /// Whether the log picks the `seq` and queues each message on this
+    /// engine's committer (SQLite), as opposed to committing at once
+    /// (memory) or having the engine pick it (Redis).
+    pub fn is_queued(&self) -> bool {
+        matches!(self, Engine::Sqlite(_))
     }
 
     /// Queues a message whose `seq` was just chosen, for a durable engine.
@@ -93,6 +97,7 @@ impl Engine {
     ) -> Result<(String, u64), LogError> {
         match self {
             Engine::Memory => Ok((epoch.to_owned(), 0)),
+            Engine::Redis(redis) => redis.ensure(key, epoch).await,
             Engine::Sqlite(store) => Ok(store
                 .ensure_log_with_epoch(store_name(key)?, epoch.to_owned())
                 .await?),

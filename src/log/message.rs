@@ -73,6 +73,27 @@ impl Envelope {
         }
     }
 
+    /// The frame of a message whose `seq` an engine chooses later (the Redis
+    /// script): the text before the seq and the text after it.
+    pub fn frame_around_seq(kind: &str, data: &Value, id: &str, ts: &str) -> (String, String) {
+        let wire = Wire {
+            kind,
+            data,
+            id,
+            seq: 0,
+            ts,
+        };
+        let mut text =
+            serde_json::to_string(&wire).expect("JSON values and plain strings always serialize");
+        // `seq` follows `data` and `id` and precedes `ts`, which is a plain
+        // timestamp: the last match is the field itself.
+        const MARK: &str = ",\"seq\":0,";
+        let at = text.rfind(MARK).expect("the seq field is always written");
+        let tail = text.split_off(at + MARK.len() - 1);
+        text.truncate(at + MARK.len() - 2);
+        (text, tail)
+    }
+
     /// A broadcast with empty data, for unit tests of the queues and logs.
     #[cfg(test)]
     pub fn for_test(seq: u64) -> std::sync::Arc<Self> {
@@ -128,5 +149,13 @@ mod tests {
         assert_eq!(parsed["id"], "id-1");
         assert_eq!(parsed["seq"], 7);
         assert_eq!(parsed["ts"], "2026-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_frame_split_around_its_seq_is_the_frame_with_that_seq() {
+        let data = serde_json::json!({"text": "a \"seq\":0, b", "seq": 0});
+        let (head, tail) = Envelope::frame_around_seq("x", &data, "id-1", "ts");
+        let whole = Envelope::encode("x", &data, "id-1", 42, "ts", Target::Broadcast);
+        assert_eq!(format!("{head}42{tail}"), whole.text.as_str());
     }
 }

@@ -39,8 +39,12 @@ pub struct Shared {
     pub max_message_bytes: usize,
     pub allowed_origins: Option<Vec<String>>,
     pub metrics_token: Option<Secret>,
-    /// This node's name in stats (fly.io machine id, or the host name).
+    /// This node's `NODE_ID`, in stats.
     pub node: String,
+    /// Whether the log is whole (with Redis: subscribed and caught up).
+    pub log: crate::log::Log,
+    /// Cluster mode's Redis, for `/health`.
+    pub redis: Option<crate::redis::Redis>,
 }
 
 /// The peer address of the TCP connection, put into each request by the accept loop.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use warp::http::header::CONTENT_TYPE;
+use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use super::{with_shared, Shared};
@@ -17,12 +18,28 @@ pub fn health(
     warp::path!("health")
         .and(warp::get())
         .and(with_shared(shared))
-        .map(|shared: Arc<Shared>| {
-            warp::reply::json(&json!({
+        .then(|shared: Arc<Shared>| async move {
+            let mut body = json!({
                 "status": "ok",
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptime_s": shared.hub.metrics().uptime().as_secs(),
-            }))
+                "node": shared.node,
+            });
+            let mut healthy = true;
+            if let Some(redis) = &shared.redis {
+                let reachable = redis.ping().await.is_ok();
+                let subscribed = shared.log.ready();
+                healthy = reachable && subscribed;
+                body["redis"] = json!(if reachable { "ok" } else { "down" });
+                body["subscription"] = json!(if subscribed { "ok" } else { "catching_up" });
+            }
+            let status = if healthy {
+                StatusCode::OK
+            } else {
+                body["status"] = json!("degraded");
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            warp::reply::with_status(warp::reply::json(&body), status)
         })
 }
 

@@ -23,6 +23,7 @@
 mod accounts;
 mod api_keys;
 mod auth;
+mod cluster;
 mod durability;
 mod hardening_http;
 mod hardening_store;
@@ -33,6 +34,7 @@ mod limits;
 mod logs;
 mod pages;
 mod publish;
+mod redis_server;
 mod resume;
 mod views;
 mod ws;

@@ -1,0 +1,90 @@
+-- One publish to a stream of the Redis engine, atomically (SPEC §6): the
+-- next seq, the epoch created if absent, the history append trimmed by
+-- count and bytes, the view update, the publish to every node, and the
+-- recipients counted over every live node. Returns {epoch, seq, recipients}.
+--
+-- KEYS: 1 the stream's log hash, 2 its history, 3 the set of streams,
+--       4 the nodes' heartbeats, 5 the view index, 6 the view entry
+--       (5 and 6 are unused placeholders when ARGV[13] is '').
+-- ARGV: 1 an epoch for a new log, 2 the stream id, 3 the message type,
+--       4 the target line, 5 the frame up to its seq, 6 the frame after it,
+--       7 HISTORY_SIZE, 8 HISTORY_BYTES, 9 now (Unix ms), 10 the presence
+--       field to count, 11 the presence key prefix, 12 how long a node's
+--       heartbeat counts (ms), 13 the view operation ('', 'task', 'agent',
+--       'agent_delete'), 14 the entry id, 15 the user the message is for
+--       ('' if not one user), 16 'admin' for a message to the admins,
+--       17 status, 18 query, 19 progress, 20 name (18-20: '' absent, else
+--       '=' and the value), 21 the message's data (JSON), 22 the pub/sub
+--       channel.
+local log, hist = KEYS[1], KEYS[2]
+
+local epoch = redis.call('HGET', log, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', log, 'epoch', epoch, 'seq', 0, 'bytes', 0)
+  redis.call('SADD', KEYS[3], ARGV[2])
+end
+local seq = redis.call('HINCRBY', log, 'seq', 1)
+
+local frame = ARGV[5] .. seq .. ARGV[6]
+local payload = seq .. '\n' .. epoch .. '\n' .. ARGV[9] .. '\n' .. ARGV[2] .. '\n'
+  .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. frame
+redis.call('ZADD', hist, seq, payload)
+
+-- Trim: never below the newest message, even if it alone is over the bytes.
+local size, max_bytes = tonumber(ARGV[7]), tonumber(ARGV[8])
+local bytes = tonumber(redis.call('HINCRBY', log, 'bytes', #payload))
+local count = redis.call('ZCARD', hist)
+while count > 1 and (count > size or bytes > max_bytes) do
+  local oldest = redis.call('ZPOPMIN', hist)
+  bytes = bytes - #oldest[1]
+  count = count - 1
+end
+redis.call('HSET', log, 'bytes', bytes)
+
+-- The views (SPEC §5): an omitted field keeps its old value only when the
+-- old entry's audience covers the new one's.
+local op = ARGV[13]
+if op ~= '' then
+  local index, entry = KEYS[5], KEYS[6]
+  if op == 'agent_delete' then
+    redis.call('DEL', entry)
+    redis.call('ZREM', index, ARGV[14])
+  else
+    local old = redis.call('HMGET', entry, 'to', 'role')
+    local old_to, old_role = old[1] or '', old[2] or ''
+    local keep = redis.call('EXISTS', entry) == 1
+      and ((old_to == '' and old_role == '') or ARGV[16] ~= ''
+           or (old_to ~= '' and old_to == ARGV[15]))
+    local function field(name, given)
+      if given ~= '' then
+        redis.call('HSET', entry, name, string.sub(given, 2))
+      elseif not keep then
+        redis.call('HDEL', entry, name)
+      end
+    end
+    if op == 'task' then
+      redis.call('HSET', entry, 'status', ARGV[17])
+      field('query', ARGV[18])
+      field('progress', ARGV[19])
+    else
+      field('name', ARGV[20])
+    end
+    redis.call('HSET', entry, 'seq', seq, 'ts', ARGV[9], 'to', ARGV[15],
+      'role', ARGV[16], 'data', ARGV[21])
+    redis.call('ZADD', index, seq, ARGV[14])
+  end
+end
+
+redis.call('PUBLISH', ARGV[22], payload)
+
+local recipients = 0
+local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[12])
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], now - ttl, '+inf')) do
+  local n = redis.call('HGET', ARGV[11] .. node, ARGV[10])
+  if n then
+    recipients = recipients + tonumber(n)
+  end
+end
+
+return {epoch, seq, recipients}

@@ -1,0 +1,215 @@
+//! The shared Redis of cluster mode (SPEC §6): one connection manager for
+//! commands, with explicit connect and response timeouts, and the names of
+//! every key, all under `REDIS_PREFIX`.
+//!
+//! Who uses it: the log's Redis engine (`log::redis`: the publish script, the
+//! history, the subscriber), the presence of every node ([`presence`]) and
+//! the accounts, API keys and views ([`directory`]). Nothing here caches
+//! what Redis holds: a key revoked on one node is refused by every node on
+//! its next request.
+//!
+//! The key layout (`P` = the prefix, `S` = a stream id, see
+//! [`Keys::stream_id`]):
+//!
+//! | key | type | what |
+//! | --- | --- | --- |
+//! | `P:streams` | set | the id of every stream that has a log |
+//! | `P:log:S` | hash | `epoch`, `seq` (the head), `bytes` (history size) |
+//! | `P:hist:S` | sorted set | history: score `seq`, member the [`payload`](crate::log) |
+//! | `P:events` | pub/sub | every committed message, as the same payload |
+//! | `P:probe:NODE` | pub/sub | the node's liveness probe |
+//! | `P:nodes` | sorted set | node id -> last heartbeat (Unix ms) |
+//! | `P:presence:NODE` | hash | the node's connection counts (expires) |
+//! | `P:view:T:tasks`, `P:view:T:agents` | sorted set | id -> seq of the entry |
+//! | `P:view:T:task:ID`, `P:view:T:agent:ID` | hash | one view entry |
+//! | `P:user:ID`, `P:username:T:NAME`, `P:users` | hash, string, counter | accounts |
+//! | `P:key:ID`, `P:keyhash:HEX`, `P:keys:T` | hash, string, set | API keys |
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{aio::ConnectionManagerConfig, Client};
+
+use crate::config::RedisSettings;
+use crate::log::StreamKey;
+
+pub mod directory;
+pub mod presence;
+
+/// Each connection attempt.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Each command, the publish script included: a publish never hangs on a
+/// wedged Redis; it gets 503.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A Redis error as the rest of the server sees it: a text that never holds
+/// the URL (which may carry a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct RedisError(pub String);
+
+impl From<redis::RedisError> for RedisError {
+    fn from(error: redis::RedisError) -> Self {
+        // redis-rs errors name the kind and the server's message, never the URL.
+        RedisError(error.to_string())
+    }
+}
+
+/// Clone-able handle to the shared Redis.
+#[derive(Clone)]
+pub struct Redis {
+    client: Client,
+    commands: ConnectionManager,
+    keys: Keys,
+    node: String,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("Redis")
+            .field("prefix", &self.keys.prefix)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redis {
+    /// Connects the command connection (it reconnects by itself afterwards).
+    pub async fn connect(settings: &RedisSettings, node: &str) -> Result<Redis, RedisError> {
+        let client = Client::open(settings.url.expose())
+            .map_err(|e| RedisError(format!("REDIS_URL is not usable: {:?}", e.kind())))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let commands = tokio::time::timeout(
+            CONNECT_TIMEOUT * 3,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| RedisError("connect timed out".into()))??;
+        Ok(Redis {
+            client,
+            commands,
+            keys: Keys {
+                prefix: settings.prefix.clone(),
+            },
+            node: node.to_owned(),
+        })
+    }
+
+    /// A connection for commands; clones share one multiplexed connection.
+    pub fn commands(&self) -> ConnectionManager {
+        self.commands.clone()
+    }
+
+    /// The client, for the dedicated pub/sub connection.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// This node's `NODE_ID`.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// `PING` within the response timeout: whether Redis answers now.
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let mut commands = self.commands();
+        let _: String = redis::cmd("PING").query_async(&mut commands).await?;
+        Ok(())
+    }
+}
+
+/// The names of every key (see the table above).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A stream's id inside the keys: `T` for a tenant's log, `T#CHANNEL`
+    /// for a channel (tenant names never hold `#`).
+    pub fn stream_id(key: &StreamKey) -> String {
+        match &key.channel {
+            None => key.tenant.to_string(),
+            Some(channel) => format!("{}#{channel}", key.tenant),
+        }
+    }
+
+    /// The inverse of [`Keys::stream_id`].
+    pub fn stream_key(id: &str) -> StreamKey {
+        match id.split_once('#') {
+            None => StreamKey::tenant(id),
+            Some((tenant, channel)) => StreamKey {
+                tenant: tenant.into(),
+                channel: Some(channel.into()),
+            },
+        }
+    }
+
+    pub fn streams(&self) -> String {
+        format!("{}:streams", self.prefix)
+    }
+
+    pub fn log(&self, stream_id: &str) -> String {
+        format!("{}:log:{stream_id}", self.prefix)
+    }
+
+    pub fn history(&self, stream_id: &str) -> String {
+        format!("{}:hist:{stream_id}", self.prefix)
+    }
+
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    pub fn probe(&self, node: &str) -> String {
+        format!("{}:probe:{node}", self.prefix)
+    }
+
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    pub fn presence(&self, node: &str) -> String {
+        format!("{}:presence:{node}", self.prefix)
+    }
+
+    /// `kind` is `tasks` or `agents`.
+    pub fn view_index(&self, tenant: &str, kind: &str) -> String {
+        format!("{}:view:{tenant}:{kind}", self.prefix)
+    }
+
+    /// `kind` is `task` or `agent`.
+    pub fn view_entry(&self, tenant: &str, kind: &str, id: &str) -> String {
+        format!("{}:view:{tenant}:{kind}:{id}", self.prefix)
+    }
+}
+
+/// The presence field of a tenant's connections, of its admins, of one user.
+pub mod presence_field {
+    pub fn tenant(tenant: &str) -> String {
+        format!("t:{tenant}")
+    }
+
+    pub fn admins(tenant: &str) -> String {
+        format!("a:{tenant}")
+    }
+
+    /// Tenant names hold no `:`, so the user id after the second one is whole.
+    pub fn user(tenant: &str, user: &str) -> String {
+        format!("u:{tenant}:{user}")
+    }
+}

@@ -1,0 +1,1 @@
+//! Presence of every node: per-node connection counts with a heartbeat TTL.
