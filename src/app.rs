@@ -158,6 +158,14 @@ pub async fn serve(
         log: log_handle,
         redis,
     });
+    if let Some(redis) = &shared.redis {
+        let hub = shared.hub.clone();
+        tokio::spawn(crate::redis::presence::publish(
+            redis.clone(),
+            move || hub.presence_counts(),
+            shutdown.triggered_owned(),
+        ));
+    }
     let service = warp::service(routes::all(shared));
 
     let mut stop = std::pin::pin!(stop);

@@ -259,12 +259,9 @@ impl Log {
         target: Target,
     ) -> Result<Receipt, LogError> {
         let stream = self.stream(key);
-        if !stream.stored.load(Ordering::Acquire) {
-            self.ensure_stored(&stream).await?;
-        }
-        let id = uuid::Uuid::new_v4().to_string();
-        let (ts, ts_ms) = timestamp_with_ms();
         if let Engine::Redis(engine) = &self.inner.engine {
+            let id = uuid::Uuid::new_v4().to_string();
+            let (ts, ts_ms) = timestamp_with_ms();
             // Redis picks the seq; every node delivers from its subscriber.
             let (head, tail) = Envelope::frame_around_seq(kind, data, &id, &ts);
             let limits = (self.inner.history_size, self.inner.history_bytes);
@@ -277,6 +274,11 @@ impl Log {
                 recipients: published.recipients,
             });
         }
+        if !stream.stored.load(Ordering::Acquire) {
+            self.ensure_stored(&stream).await?;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let (ts, ts_ms) = timestamp_with_ms();
         let Some(delivery) = &self.inner.delivery else {
             // Memory: committed the moment it is in the history.
             let mut cache = stream.lock_cache();
@@ -329,6 +331,30 @@ impl Log {
             seq,
             recipients,
         })
+    }
+
+    /// With the Redis engine, once per stream and node: learns the stream's
+    /// epoch from Redis (creating its log if new) before a connection is told
+    /// one, so a client that connected before the first publish can resume.
+    /// Redis unreachable: the next connection tries again.
+    pub async fn prepare(&self, key: &StreamKey) {
+        let Engine::Redis(engine) = &self.inner.engine else {
+            return;
+        };
+        let stream = self.stream(key);
+        if stream.stored.load(Ordering::Acquire) {
+            return;
+        }
+        let epoch = stream.lock_cache().epoch().to_owned();
+        let Ok((stored, _)) = engine.ensure(key, &epoch).await else {
+            return;
+        };
+        let mut cache = stream.lock_cache();
+        // Only an unborn stream takes it: messages bring their epoch otherwise.
+        if cache.head() == 0 && cache.epoch() != stored {
+            cache.adopt(stored, 0);
+        }
+        stream.stored.store(true, Ordering::Release);
     }
 
     /// Attaches a connection to `key`'s stream: runs `join` (the sink
@@ -403,8 +429,9 @@ impl Inner {
         {
             return Arc::clone(stream);
         }
-        // Only SQLite logs need their row; they learn theirs on first append.
-        let stored = !self.engine.is_queued();
+        // SQLite logs learn their row on first append, Redis ones their
+        // epoch on first connection (`Log::prepare`).
+        let stored = matches!(self.engine, Engine::Memory);
         let (history, bytes) = (self.history_size, self.history_bytes);
         Arc::clone(self.write_streams().entry(key.clone()).or_insert_with(|| {
             Arc::new(Stream {

@@ -175,6 +175,11 @@ impl Hub {
         Ok(receipt)
     }
 
+    /// Before a first connection to `tenant`: see [`Log::prepare`].
+    pub async fn prepare(&self, tenant: &str) {
+        self.inner.log.prepare(&StreamKey::tenant(tenant)).await;
+    }
+
     /// Registers a connection of `user` (acting as `role`) in `tenant`, with its
     /// resume snapshot when `resume` (since, epoch) is given.
     pub fn register(
@@ -251,6 +256,43 @@ impl Hub {
         };
         let state = tenant.lock();
         state.users.get(user).map_or(0, Vec::len)
+    }
+
+    /// This node's connection counts as presence fields (see
+    /// [`crate::redis::presence_field`]): per tenant, its admins, each user.
+    pub fn presence_counts(&self) -> std::collections::HashMap<String, u64> {
+        use crate::redis::presence_field;
+        let tenants: Vec<(Box<str>, Arc<Tenant>)> = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, tenant)| (name.clone(), Arc::clone(tenant)))
+            .collect();
+        let mut counts = std::collections::HashMap::new();
+        for (name, tenant) in tenants {
+            let state = tenant.lock();
+            if state.connections.is_empty() {
+                continue;
+            }
+            counts.insert(
+                presence_field::tenant(&name),
+                state.connections.len() as u64,
+            );
+            let admins = state
+                .connections
+                .values()
+                .filter(|c| c.role == Role::Admin)
+                .count();
+            if admins > 0 {
+                counts.insert(presence_field::admins(&name), admins as u64);
+            }
+            for (user, ids) in &state.users {
+                counts.insert(presence_field::user(&name, user), ids.len() as u64);
+            }
+        }
+        counts
     }
 
     /// The tenant's per-minute counters for the last hour.

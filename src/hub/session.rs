@@ -116,6 +116,7 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    config.hub.prepare(&claims.tenant).await;
     let registered = config.hub.register(
         &claims.tenant,
         &claims.sub,

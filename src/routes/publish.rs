@@ -57,7 +57,16 @@ pub fn user_presence(
         .and_then(
             |user: String, principal: Principal, shared: Arc<Shared>| async move {
                 let user = user_id(&user)?;
-                let connections = shared.hub.presence(principal.tenant(), &user);
+                let connections = match &shared.redis {
+                    // Every node's connections (SPEC §6).
+                    Some(redis) => {
+                        crate::redis::presence::user_connections(redis, principal.tenant(), &user)
+                            .await
+                            .map_err(|e| ApiError::from(crate::log::LogError::from(e)))?
+                            as usize
+                    }
+                    None => shared.hub.presence(principal.tenant(), &user),
+                };
                 Ok::<_, Rejection>(warp::reply::json(&json!({
                     "user_id": user,
                     "online": connections > 0,

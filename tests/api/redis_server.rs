@@ -17,7 +17,6 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
-#[allow(dead_code)] // used by the cluster tests as they land
 impl RedisServer {
     /// A fresh, empty Redis with append-only persistence (fsync every write,
     /// so a restart "with its data" keeps every acknowledged publish).
