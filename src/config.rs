@@ -614,7 +614,7 @@ fn default_node_id() -> String {
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
         .take(48)
         .collect();
-    let suffix = &crate::auth::random_token(6);
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
     if host.is_empty() {
         format!("node-{suffix}")
     } else {

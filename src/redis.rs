@@ -3,10 +3,9 @@
 //! every key, all under `REDIS_PREFIX`.
 //!
 //! Who uses it: the log's Redis engine (`log::redis`: the publish script, the
-//! history, the subscriber), the presence of every node ([`presence`]) and
-//! the accounts, API keys and views ([`directory`]). Nothing here caches
-//! what Redis holds: a key revoked on one node is refused by every node on
-//! its next request.
+//! history, the subscriber, the views the script writes) and the presence of
+//! every node ([`presence`]). Accounts and API keys are not in Redis yet
+//! (issue 9): each node keeps its own.
 //!
 //! The key layout (`P` = the prefix, `S` = a stream id, see
 //! [`Keys::stream_id`]):
@@ -22,8 +21,6 @@
 //! | `P:presence:NODE` | hash | the node's connection counts (expires) |
 //! | `P:view:T:tasks`, `P:view:T:agents` | sorted set | id -> seq of the entry |
 //! | `P:view:T:task:ID`, `P:view:T:agent:ID` | hash | one view entry |
-//! | `P:user:ID`, `P:username:T:NAME`, `P:users` | hash, string, counter | accounts |
-//! | `P:key:ID`, `P:keyhash:HEX`, `P:keys:T` | hash, string, set | API keys |
 
 use std::time::Duration;
 
@@ -33,7 +30,6 @@ use redis::{aio::ConnectionManagerConfig, Client};
 use crate::config::RedisSettings;
 use crate::log::StreamKey;
 
-pub mod directory;
 pub mod presence;
 
 /// Each connection attempt.

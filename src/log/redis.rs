@@ -20,7 +20,7 @@
 //! reconnects, re-subscribes and fills every stream from the history. Until
 //! it has, [`ClusterHealth::ready`] is false and `/health` says degraded.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -150,14 +150,7 @@ impl RedisLog {
     ) -> Result<Published, LogError> {
         let keys = self.redis.keys();
         let stream = Keys::stream_id(key);
-        let view = ViewArgs::of(kind, data);
-        let (index, entry) = match &view {
-            Some(view) => (
-                keys.view_index(&key.tenant, view.index),
-                keys.view_entry(&key.tenant, view.entry, &view.id),
-            ),
-            None => (keys.view_index(&key.tenant, "none"), String::new()),
-        };
+        let view = ViewArgs::of(kind, data).unwrap_or_default();
         let presence = match target {
             Target::Broadcast => presence_field::tenant(&key.tenant),
             Target::Admins => presence_field::admins(&key.tenant),
@@ -174,12 +167,8 @@ impl RedisLog {
             .key(keys.history(&stream))
             .key(keys.streams())
             .key(keys.nodes())
-            .key(index)
-            .key(if entry.is_empty() {
-                keys.view_entry(&key.tenant, "none", "none")
-            } else {
-                entry
-            })
+            .key(keys.view_index(&key.tenant, view.index))
+            .key(keys.view_entry(&key.tenant, view.entry, &view.id))
             .arg(new_epoch())
             .arg(&stream)
             .arg(kind)
@@ -191,30 +180,21 @@ impl RedisLog {
             .arg(ts_ms)
             .arg(presence)
             .arg(format!("{}:presence:", keys.prefix()))
-            .arg(NODE_TTL.as_millis() as u64);
-        match &view {
-            Some(view) => invocation
-                .arg(view.op)
-                .arg(&view.id)
-                .arg(to)
-                .arg(role)
-                .arg(&view.status)
-                .arg(&view.query)
-                .arg(&view.progress)
-                .arg(&view.name)
-                .arg(data.to_string()),
-            None => invocation
-                .arg("")
-                .arg("")
-                .arg(to)
-                .arg(role)
-                .arg("")
-                .arg("")
-                .arg("")
-                .arg("")
-                .arg(""),
-        };
-        invocation.arg(keys.events());
+            .arg(NODE_TTL.as_millis() as u64)
+            .arg(view.op)
+            .arg(&view.id)
+            .arg(to)
+            .arg(role)
+            .arg(&view.status)
+            .arg(&view.query)
+            .arg(&view.progress)
+            .arg(&view.name)
+            .arg(if view.op.is_empty() {
+                String::new()
+            } else {
+                data.to_string()
+            })
+            .arg(keys.events());
         let mut commands = self.redis.commands();
         let answer: Result<(String, u64, u64), _> = invocation.invoke_async(&mut commands).await;
         let (_epoch, seq, recipients) = answer.map_err(|e| {
@@ -358,7 +338,9 @@ fn new_epoch() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// The view arguments of the publish script.
+/// The view arguments of the publish script; the default changes no view
+/// (op `''`, and keys the script never touches).
+#[derive(Default)]
 struct ViewArgs {
     op: &'static str,
     index: &'static str,
@@ -435,10 +417,10 @@ pub(super) async fn subscriber<A: Apply>(engine: RedisLog, log: Weak<A>) {
     let keys = engine.redis.keys().clone();
     let node = engine.redis.node().to_owned();
     let mut backoff = Duration::from_millis(100);
-    let probes = AtomicU64::new(0);
+    let mut probes = 0;
     loop {
         engine.health.set(false);
-        let session = run_subscription(&engine, &log, &keys, &node, &probes).await;
+        let session = run_subscription(&engine, &log, &keys, &node, &mut probes).await;
         if log.upgrade().is_none() {
             return;
         }
@@ -461,7 +443,7 @@ async fn run_subscription<A: Apply>(
     log: &Weak<A>,
     keys: &Keys,
     node: &str,
-    probes: &AtomicU64,
+    probes: &mut u64,
 ) -> Result<(), LogError> {
     let connect = engine.redis.client().get_async_pubsub();
     let mut pubsub = tokio::time::timeout(crate::redis::CONNECT_TIMEOUT, connect)
@@ -514,7 +496,8 @@ async fn run_subscription<A: Apply>(
                     }
                     continue;
                 }
-                let n = probes.fetch_add(1, Ordering::Relaxed) + 1;
+                *probes += 1;
+                let n = *probes;
                 let mut commands = engine.redis.commands();
                 let sent: Result<u64, _> = redis::cmd("PUBLISH")
                     .arg(&probe_channel)

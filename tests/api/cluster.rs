@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{accepted, wait_until, TestApp, WsClient, WAIT};
+use crate::helpers::{wait_until, TestApp, WsClient, WAIT};
 use crate::redis_server::{spawn_node, RedisServer};
 
 /// Frames of `kind` until `count` arrived.
@@ -20,6 +20,14 @@ async fn frames(tab: &mut WsClient, kind: &str, count: usize) -> Vec<Value> {
     seen
 }
 
+/// A Redis and two nodes of it, `a` and `b`, in the key namespace `prefix`.
+async fn two_nodes(prefix: &str) -> (RedisServer, TestApp, TestApp) {
+    let redis = RedisServer::start().await;
+    let a = spawn_node(&redis, prefix, "a", |_| {}).await;
+    let b = spawn_node(&redis, prefix, "b", |_| {}).await;
+    (redis, a, b)
+}
+
 async fn presence(node: &TestApp, user: &str) -> u64 {
     let body: Value = node
         .get_presence(&node.admin_token(), user)
@@ -32,16 +40,10 @@ async fn presence(node: &TestApp, user: &str) -> u64 {
 
 #[tokio::test]
 async fn a_broadcast_on_one_node_reaches_a_tab_on_another_once() {
-    let redis = RedisServer::start().await;
-    let a = spawn_node(&redis, "t1", "a", |_| {}).await;
-    let b = spawn_node(&redis, "t1", "b", |_| {}).await;
+    let (_redis, a, b) = two_nodes("t1").await;
     let (mut tab_a, _) = a.connect_ready(&a.user_token("alice")).await;
     let (mut tab_b, _) = b.connect_ready(&b.user_token("bob")).await;
-    let body = accepted(
-        a.post_broadcast(&a.admin_token(), &json!({"type": "note", "data": {"n": 1}}))
-            .await,
-    )
-    .await;
+    let body = a.broadcast("note", json!({"n": 1})).await;
     assert_eq!(body["seq"], 1);
     for tab in [&mut tab_a, &mut tab_b] {
         let frame = tab.expect_type("note").await;
@@ -55,9 +57,7 @@ async fn a_broadcast_on_one_node_reaches_a_tab_on_another_once() {
 
 #[tokio::test]
 async fn a_user_message_reaches_every_tab_on_every_node_and_presence_counts_them_all() {
-    let redis = RedisServer::start().await;
-    let a = spawn_node(&redis, "t2", "a", |_| {}).await;
-    let b = spawn_node(&redis, "t2", "b", |_| {}).await;
+    let (_redis, a, b) = two_nodes("t2").await;
     let (mut alice_a, _) = a.connect_ready(&a.user_token("alice")).await;
     let (mut alice_b, _) = b.connect_ready(&b.user_token("alice")).await;
     let (mut bob_b, _) = b.connect_ready(&b.user_token("bob")).await;
@@ -65,15 +65,7 @@ async fn a_user_message_reaches_every_tab_on_every_node_and_presence_counts_them
         wait_until(WAIT, async || presence(&a, "alice").await == 2).await,
         "presence on node a counts alice's tabs on both nodes"
     );
-    let body = accepted(
-        b.post_user(
-            &b.admin_token(),
-            "alice",
-            &json!({"type": "note", "data": {}}),
-        )
-        .await,
-    )
-    .await;
+    let body = b.send_to_user("alice", "note", json!({})).await;
     assert_eq!(body["recipients"], 2, "{body}");
     for tab in [&mut alice_a, &mut alice_b] {
         assert_eq!(tab.expect_type("note").await["seq"], body["seq"]);
@@ -102,13 +94,7 @@ async fn concurrent_publishes_on_three_nodes_arrive_in_the_same_order_everywhere
     }
     const EACH: usize = 30;
     let publishes = nodes.iter().flat_map(|node| {
-        (0..EACH).map(move |i| async move {
-            accepted(
-                node.post_broadcast(&node.admin_token(), &json!({"type": "n", "data": {"i": i}}))
-                    .await,
-            )
-            .await
-        })
+        (0..EACH).map(move |i| async move { node.broadcast("n", json!({"i": i})).await })
     });
     let receipts = futures_util::future::join_all(publishes).await;
     let mut seqs: Vec<u64> = receipts
@@ -143,17 +129,11 @@ async fn concurrent_publishes_on_three_nodes_arrive_in_the_same_order_everywhere
 
 #[tokio::test]
 async fn a_client_resumes_on_another_node() {
-    let redis = RedisServer::start().await;
-    let a = spawn_node(&redis, "t4", "a", |_| {}).await;
-    let b = spawn_node(&redis, "t4", "b", |_| {}).await;
+    let (_redis, a, b) = two_nodes("t4").await;
     let (tab, connected) = a.connect_ready(&a.user_token("u")).await;
     drop(tab);
     for i in 0..5 {
-        accepted(
-            a.post_broadcast(&a.admin_token(), &json!({"type": "n", "data": {"i": i}}))
-                .await,
-        )
-        .await;
+        a.broadcast("n", json!({"i": i})).await;
     }
     let epoch = connected["epoch"].as_str().unwrap().to_owned();
     let mut resumed = b.connect_resume(&b.user_token("u"), 0, &epoch).await;
@@ -179,11 +159,7 @@ async fn redis_down_means_503_and_degraded_then_recovery_with_the_same_epoch() {
     let mut redis = RedisServer::start().await;
     let a = spawn_node(&redis, "t5", "a", |_| {}).await;
     let (mut tab, connected) = a.connect_ready(&a.user_token("u")).await;
-    accepted(
-        a.post_broadcast(&a.admin_token(), &json!({"type": "n", "data": {}}))
-            .await,
-    )
-    .await;
+    a.broadcast("n", json!({})).await;
     let first = tab.expect_type("n").await;
     redis.kill();
     let response = a
@@ -206,11 +182,7 @@ async fn redis_down_means_503_and_degraded_then_recovery_with_the_same_epoch() {
         .await,
         "the node recovers by itself"
     );
-    let body = accepted(
-        a.post_broadcast(&a.admin_token(), &json!({"type": "n", "data": {}}))
-            .await,
-    )
-    .await;
+    let body = a.broadcast("n", json!({})).await;
     assert_eq!(
         body["seq"], 2,
         "seq continues after a restart with the data"
@@ -227,11 +199,7 @@ async fn redis_back_empty_closes_old_connections_with_1012_and_resume_is_incompl
     let a = spawn_node(&redis, "t6", "a", |_| {}).await;
     let (mut tab, connected) = a.connect_ready(&a.user_token("u")).await;
     let old_epoch = connected["epoch"].as_str().unwrap().to_owned();
-    accepted(
-        a.post_broadcast(&a.admin_token(), &json!({"type": "n", "data": {}}))
-            .await,
-    )
-    .await;
+    a.broadcast("n", json!({})).await;
     tab.expect_type("n").await;
     redis.restart_empty().await;
     tab.expect_close(1012).await;
@@ -241,19 +209,13 @@ async fn redis_back_empty_closes_old_connections_with_1012_and_resume_is_incompl
     let replay = resumed.expect_type("replay").await;
     assert_eq!(replay["data"]["complete"], false, "{replay}");
     // And it is not deaf: the next publish reaches it.
-    let body = accepted(
-        a.post_broadcast(&a.admin_token(), &json!({"type": "n", "data": {}}))
-            .await,
-    )
-    .await;
+    let body = a.broadcast("n", json!({})).await;
     assert_eq!(resumed.expect_type("n").await["seq"], body["seq"]);
 }
 
 #[tokio::test]
 async fn killed_redis_connections_lose_no_acknowledged_message() {
-    let redis = RedisServer::start().await;
-    let a = spawn_node(&redis, "t7", "a", |_| {}).await;
-    let b = spawn_node(&redis, "t7", "b", |_| {}).await;
+    let (redis, a, b) = two_nodes("t7").await;
     let (mut tab, _) = b.connect_ready(&b.user_token("u")).await;
     let mut acknowledged = Vec::new();
     for i in 0..40 {

@@ -1,1 +1,0 @@
-//! Accounts, API keys and views in Redis.
