@@ -438,7 +438,10 @@ mod tests {
                 if let Err(error) = check(&bytes) {
                     let status = assert_documented(error, &runtime);
                     // 400 exactly when the body is not one JSON value.
-                    let is_json = serde_json::from_slice::<Value>(&bytes).is_ok();
+                    // JSON by syntax: a digit after a number makes a longer
+                    // number, maybe beyond f64 (`3.2e+2750`), which `Value`
+                    // refuses but the grammar (and so the 400 rule) allows.
+                    let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
                     prop_assert_eq!(status == 400, !is_json, "status {}", status);
                     prop_assert!(status == 400 || status == 422);
                 }
@@ -479,7 +482,10 @@ mod tests {
                 bytes.extend_from_slice(&garbage);
                 if let Err(error) = check(&bytes) {
                     let status = assert_documented(error, &runtime);
-                    let is_json = serde_json::from_slice::<Value>(&bytes).is_ok();
+                    // JSON by syntax: a digit after a number makes a longer
+                    // number, maybe beyond f64 (`3.2e+2750`), which `Value`
+                    // refuses but the grammar (and so the 400 rule) allows.
+                    let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
                     prop_assert_eq!(status == 400, !is_json, "status {}", status);
                 }
             }
