@@ -28,6 +28,12 @@ fi
 echo "== cargo test"
 cargo test --locked --all-targets
 
+# The single-node suites that are not about the SQLite store, again with each
+# server a one-node cluster on a redis-server of its own (tests/api/helpers.rs).
+echo "== cargo test (the same suites on the Redis engine)"
+AGENTCAST_TEST_REDIS=1 cargo test --locked --test api -- \
+  publish:: ws:: resume:: limits:: auth:: http:: hardening_ws:: --skip views::
+
 echo "== docker entrypoint (without Docker: root-owned folder, drop to uid 10001)"
 scripts/test-entrypoint.sh
 

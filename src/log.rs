@@ -94,6 +94,9 @@ pub trait Sink: Send + Sync + 'static {
     /// messages this node missed and can no longer get): close them with
     /// 1012 so their clients resume. Called under the stream's cache lock.
     fn reset(&self, stream: &StreamKey);
+    /// How many of this node's connections a message of `stream` to `target`
+    /// would address now (the Redis engine adds the other nodes' counts).
+    fn addressed(&self, stream: &StreamKey, target: &Target) -> usize;
 }
 
 /// What a resuming connection gets: the frames to replay and the summary frame.
@@ -268,10 +271,16 @@ impl Log {
             let published = engine
                 .publish(key, kind, &target, (&head, &tail), data, ts_ms, limits)
                 .await?;
+            // The script counted the other nodes; this node's own count is exact.
+            let here = self
+                .inner
+                .sink
+                .get()
+                .map_or(0, |sink| sink.addressed(key, &target));
             return Ok(Receipt {
                 id,
                 seq: published.seq,
-                recipients: published.recipients,
+                recipients: published.recipients.saturating_add(here),
             });
         }
         if !stream.stored.load(Ordering::Acquire) {
@@ -576,6 +585,10 @@ mod tests {
         }
 
         fn reset(&self, _: &StreamKey) {}
+
+        fn addressed(&self, _: &StreamKey, _: &Target) -> usize {
+            0
+        }
     }
 
     /// The store's writer thread only commits: the fan-out (the sink) runs

@@ -134,6 +134,29 @@ impl Sink for HubSink {
             connection.outbox.restart();
         }
     }
+
+    fn addressed(&self, stream: &StreamKey, target: &Target) -> usize {
+        let Some(inner) = self.0.upgrade() else {
+            return 0;
+        };
+        if stream.channel.is_some() {
+            return 0;
+        }
+        let tenants = inner.tenants.read().unwrap_or_else(|p| p.into_inner());
+        let Some(tenant) = tenants.get(&*stream.tenant) else {
+            return 0;
+        };
+        let state = tenant.lock();
+        match target {
+            Target::Broadcast => state.connections.len(),
+            Target::User(user) => state.users.get(&**user).map_or(0, Vec::len),
+            Target::Admins => state
+                .connections
+                .values()
+                .filter(|c| c.role == Role::Admin)
+                .count(),
+        }
+    }
 }
 
 impl Hub {

@@ -1,7 +1,8 @@
 -- One publish to a stream of the Redis engine, atomically (SPEC §6): the
 -- next seq, the epoch created if absent, the history append trimmed by
 -- count and bytes, the view update, the publish to every node, and the
--- recipients counted over every live node. Returns {epoch, seq, recipients}.
+-- recipients counted over every other live node. Returns {epoch, seq,
+-- recipients}.
 --
 -- KEYS: 1 the stream's log hash, 2 its history, 3 the set of streams,
 --       4 the nodes' heartbeats, 5 the view index, 6 the view entry
@@ -15,7 +16,8 @@
 --       ('' if not one user), 16 'admin' for a message to the admins,
 --       17 status, 18 query, 19 progress, 20 name (18-20: '' absent, else
 --       '=' and the value), 21 the message's data (JSON), 22 the pub/sub
---       channel.
+--       channel, 23 the publishing node (which counts its own recipients
+--       exactly: its presence in Redis is up to a second old).
 local log, hist = KEYS[1], KEYS[2]
 
 local epoch = redis.call('HGET', log, 'epoch')
@@ -81,9 +83,11 @@ redis.call('PUBLISH', ARGV[22], payload)
 local recipients = 0
 local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[12])
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], now - ttl, '+inf')) do
-  local n = redis.call('HGET', ARGV[11] .. node, ARGV[10])
-  if n then
-    recipients = recipients + tonumber(n)
+  if node ~= ARGV[23] then
+    local n = redis.call('HGET', ARGV[11] .. node, ARGV[10])
+    if n then
+      recipients = recipients + tonumber(n)
+    end
   end
 end
 

@@ -194,7 +194,8 @@ impl RedisLog {
             } else {
                 data.to_string()
             })
-            .arg(keys.events());
+            .arg(keys.events())
+            .arg(self.redis.node());
         let mut commands = self.redis.commands();
         let answer: Result<(String, u64, u64), _> = invocation.invoke_async(&mut commands).await;
         let (_epoch, seq, recipients) = answer.map_err(|e| {

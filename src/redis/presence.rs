@@ -5,7 +5,8 @@
 //! younger than [`NODE_TTL`], so a node killed without closing its
 //! connections drops out within 30 s, and a clean connect or close shows on
 //! every node within about a second. The publish script counts `recipients`
-//! the same way.
+//! the same way. A node's own connections are counted from its hub, exactly,
+//! not from its entry here.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -88,8 +89,13 @@ async fn leave(redis: &Redis) {
         .await;
 }
 
-/// Connections of `user` in `tenant` over every live node.
-pub async fn user_connections(redis: &Redis, tenant: &str, user: &str) -> Result<u64, RedisError> {
+/// Connections of `user` in `tenant` over every live node but this one
+/// (whose own count the caller has exactly, not a second old).
+pub async fn user_connections_elsewhere(
+    redis: &Redis,
+    tenant: &str,
+    user: &str,
+) -> Result<u64, RedisError> {
     let keys = redis.keys();
     let mut commands = redis.commands();
     let since = now_ms() - NODE_TTL.as_millis() as i64;
@@ -108,7 +114,12 @@ pub async fn user_connections(redis: &Redis, tenant: &str, user: &str) -> Result
         pipe.hget(keys.presence(node), &field);
     }
     let counts: Vec<Option<u64>> = pipe.query_async(&mut commands).await?;
-    Ok(counts.into_iter().flatten().sum())
+    let counts = nodes
+        .iter()
+        .zip(counts)
+        .filter(|(node, _)| *node != redis.node())
+        .map(|(_, n)| n);
+    Ok(counts.flatten().sum())
 }
 
 fn now_ms() -> i64 {

@@ -57,16 +57,20 @@ pub fn user_presence(
         .and_then(
             |user: String, principal: Principal, shared: Arc<Shared>| async move {
                 let user = user_id(&user)?;
-                let connections = match &shared.redis {
+                let here = shared.hub.presence(principal.tenant(), &user);
+                let elsewhere = match &shared.redis {
                     // Every node's connections (SPEC §6).
-                    Some(redis) => {
-                        crate::redis::presence::user_connections(redis, principal.tenant(), &user)
-                            .await
-                            .map_err(|e| ApiError::from(crate::log::LogError::from(e)))?
-                            as usize
-                    }
-                    None => shared.hub.presence(principal.tenant(), &user),
+                    Some(redis) => crate::redis::presence::user_connections_elsewhere(
+                        redis,
+                        principal.tenant(),
+                        &user,
+                    )
+                    .await
+                    .map_err(|e| ApiError::from(crate::log::LogError::from(e)))?
+                        as usize,
+                    None => 0,
                 };
+                let connections = here.saturating_add(elsewhere);
                 Ok::<_, Rejection>(warp::reply::json(&json!({
                     "user_id": user,
                     "online": connections > 0,

@@ -61,10 +61,13 @@ async fn a_user_message_reaches_every_tab_on_every_node_and_presence_counts_them
     let (mut alice_a, _) = a.connect_ready(&a.user_token("alice")).await;
     let (mut alice_b, _) = b.connect_ready(&b.user_token("alice")).await;
     let (mut bob_b, _) = b.connect_ready(&b.user_token("bob")).await;
-    assert!(
-        wait_until(WAIT, async || presence(&a, "alice").await == 2).await,
-        "presence on node a counts alice's tabs on both nodes"
-    );
+    for node in [&a, &b] {
+        // Each node counts its own tabs at once and the other's once written.
+        assert!(
+            wait_until(WAIT, async || presence(node, "alice").await == 2).await,
+            "presence on every node counts alice's tabs on both nodes"
+        );
+    }
     let body = b.send_to_user("alice", "note", json!({})).await;
     assert_eq!(body["recipients"], 2, "{body}");
     for tab in [&mut alice_a, &mut alice_b] {

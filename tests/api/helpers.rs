@@ -4,6 +4,11 @@
 //! Every wait is bounded by [`WAIT`] and waits for an event (a frame, a close, a
 //! counter reaching a value), never for a fixed time, so a loaded machine makes
 //! tests slower, not flaky.
+//!
+//! With `AGENTCAST_TEST_REDIS=1` every server [`spawn_app_with`] starts is a
+//! one-node cluster on a `redis-server` of its own ([`RedisServer`]), so the
+//! single-node suites also run on the Redis engine (`scripts/test.sh` runs
+//! the suites that are not about the SQLite store a second time that way).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +30,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::redis_server::RedisServer;
 
 /// The longest any single expected event may take on a loaded 2-core machine.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -56,6 +63,8 @@ pub struct TestApp {
     data_dir: PathBuf,
     shutdown_tx: Option<oneshot::Sender<()>>,
     serve_task: Option<JoinHandle<Result<(), agentcast::app::AppError>>>,
+    /// The server's own Redis in `AGENTCAST_TEST_REDIS` mode (stopped with it).
+    _redis: Option<RedisServer>,
 }
 
 /// A fresh data folder that outlives one server (restart and crash tests);
@@ -98,6 +107,14 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     std::fs::create_dir_all(&data_dir).expect("create the test data dir");
     let mut settings = Settings::for_tests(&data_dir);
     tweak(&mut settings);
+    let redis = match settings.redis {
+        None if redis_mode() => {
+            let redis = RedisServer::start().await;
+            redis.node("agentcast", "test-node")(&mut settings);
+            Some(redis)
+        }
+        _ => None,
+    };
     let listener =
         agentcast::app::bind(SocketAddr::new(settings.bind, settings.port)).expect("bind port 0");
     let addr = listener.local_addr().expect("bound address");
@@ -119,7 +136,13 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
         data_dir,
         shutdown_tx: Some(shutdown_tx),
         serve_task: Some(serve_task),
+        _redis: redis,
     }
+}
+
+/// Whether servers run on a Redis of their own (`AGENTCAST_TEST_REDIS=1`).
+pub fn redis_mode() -> bool {
+    std::env::var_os("AGENTCAST_TEST_REDIS").is_some_and(|v| v == "1")
 }
 
 impl Drop for TestApp {
