@@ -156,6 +156,7 @@ pub async fn serve(
         metrics_token: settings.metrics_token.clone(),
         node: settings.node_id.clone(),
         log: log_handle,
+        views: crate::views::Views::new(&store, redis.as_ref()),
         redis,
     });
     if let Some(redis) = &shared.redis {

@@ -13,6 +13,7 @@ use warp::{Rejection, Reply};
 
 use crate::auth::AuthError;
 use crate::log::LogError;
+use crate::views::ViewError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -58,6 +59,15 @@ impl From<LogError> for ApiError {
                 "the message log is unavailable; nothing was published, retry later".into(),
             ),
         }
+    }
+}
+
+/// The one mapping of the views' errors: a list that could not be read is
+/// a 503 (the detail is logged, never shown).
+impl From<ViewError> for ApiError {
+    fn from(error: ViewError) -> Self {
+        tracing::warn!(%error, "view read failed");
+        ApiError::Unavailable("the view store is unavailable; retry later".into())
     }
 }
 

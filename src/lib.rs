@@ -26,6 +26,7 @@
 //!   commit), the views of SPEC §5, accounts, API keys.
 //! - [`bench`]: the load tool (`agentcast bench`), a client of the server.
 //! - [`units`]: durations, sizes and switches as flags spell them (a leaf).
+//! - [`views`]: where the task and agent lists are read (the store, or Redis).
 //!
 //! A message's path: `routes::publish` validates it and calls
 //! `hub::Hub::publish`, which hands it to `log::Log::append`: the log's engine
@@ -53,3 +54,4 @@ pub mod routes;
 pub mod shutdown;
 pub mod store;
 pub mod units;
+pub mod views;

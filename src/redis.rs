@@ -7,6 +7,10 @@
 //! every node ([`presence`]). Accounts and API keys are not in Redis yet
 //! (issue 9): each node keeps its own.
 //!
+//! The views' read side ([`views`]) answers `GET /api/v1/tasks` and
+//! `/agents` from the entries the publish script writes, so every node
+//! lists the same.
+//!
 //! The key layout (`P` = the prefix, `S` = a stream id, see
 //! [`Keys::stream_id`]):
 //!
@@ -19,7 +23,9 @@
 //! | `P:probe:NODE` | pub/sub | the node's liveness probe |
 //! | `P:nodes` | sorted set | node id -> last heartbeat (Unix ms) |
 //! | `P:presence:NODE` | hash | the node's connection counts (expires) |
-//! | `P:view:T:tasks`, `P:view:T:agents` | sorted set | id -> seq of the entry |
+//! | `P:view:T:tasks`, `P:view:T:agents` | sorted set | id -> seq of every entry (admins read it) |
+//! | `P:view:T:tasks:b`, `P:view:T:agents:b` | sorted set | id -> seq of the entries a broadcast set |
+//! | `P:view:T:tasks:u:USER`, `P:view:T:agents:u:USER` | sorted set | id -> seq of the entries a message to USER set |
 //! | `P:view:T:task:ID`, `P:view:T:agent:ID` | hash | one view entry |
 
 use std::time::Duration;
@@ -31,6 +37,7 @@ use crate::config::RedisSettings;
 use crate::log::StreamKey;
 
 pub mod presence;
+pub mod views;
 
 /// Each connection attempt.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -186,6 +193,16 @@ impl Keys {
     /// `kind` is `tasks` or `agents`.
     pub fn view_index(&self, tenant: &str, kind: &str) -> String {
         format!("{}:view:{tenant}:{kind}", self.prefix)
+    }
+
+    /// The index of the entries a broadcast set (`user` `None`) or a
+    /// message to `user` set; `kind` is `tasks` or `agents`. The publish
+    /// script derives the same names from [`Keys::view_index`].
+    pub fn view_audience(&self, tenant: &str, kind: &str, user: Option<&str>) -> String {
+        match user {
+            None => format!("{}:b", self.view_index(tenant, kind)),
+            Some(user) => format!("{}:u:{user}", self.view_index(tenant, kind)),
+        }
     }
 
     /// `kind` is `task` or `agent`.

@@ -6,7 +6,8 @@
 --
 -- KEYS: 1 the stream's log hash, 2 its history, 3 the set of streams,
 --       4 the nodes' heartbeats, 5 the view index, 6 the view entry
---       (5 and 6 are unused placeholders when ARGV[13] is '').
+--       (5 and 6 are unused placeholders when ARGV[13] is ''); the
+--       audience indexes of the view are derived from 5 (see `audience`).
 -- ARGV: 1 an epoch for a new log, 2 the stream id, 3 the message type,
 --       4 the target line, 5 the frame up to its seq, 6 the frame after it,
 --       7 HISTORY_SIZE, 8 HISTORY_BYTES, 9 now (Unix ms), 10 the presence
@@ -45,17 +46,37 @@ end
 redis.call('HSET', log, 'bytes', bytes)
 
 -- The views (SPEC §5): an omitted field keeps its old value only when the
--- old entry's audience covers the new one's.
+-- old entry's audience covers the new one's. Besides the index of every
+-- entry (what admins read), each entry is in the index of its audience:
+-- INDEX:b for a broadcast, INDEX:u:USER for a message to USER, none for a
+-- message to the admins; a user's list merges INDEX:b and INDEX:u:USER
+-- (src/redis/views.rs), so it reads no entry it may not see.
+local function audience(index, to, role)
+  if role ~= '' then
+    return nil
+  elseif to == '' then
+    return index .. ':b'
+  end
+  return index .. ':u:' .. to
+end
+
 local op = ARGV[13]
 if op ~= '' then
   local index, entry = KEYS[5], KEYS[6]
+  local exists = redis.call('EXISTS', entry) == 1
+  local old = redis.call('HMGET', entry, 'to', 'role')
+  local old_to, old_role = old[1] or '', old[2] or ''
+  if exists then
+    local was = audience(index, old_to, old_role)
+    if was then
+      redis.call('ZREM', was, ARGV[14])
+    end
+  end
   if op == 'agent_delete' then
     redis.call('DEL', entry)
     redis.call('ZREM', index, ARGV[14])
   else
-    local old = redis.call('HMGET', entry, 'to', 'role')
-    local old_to, old_role = old[1] or '', old[2] or ''
-    local keep = redis.call('EXISTS', entry) == 1
+    local keep = exists
       and ((old_to == '' and old_role == '') or ARGV[16] ~= ''
            or (old_to ~= '' and old_to == ARGV[15]))
     local function field(name, given)
@@ -75,6 +96,10 @@ if op ~= '' then
     redis.call('HSET', entry, 'seq', seq, 'ts', ARGV[9], 'to', ARGV[15],
       'role', ARGV[16], 'data', ARGV[21])
     redis.call('ZADD', index, seq, ARGV[14])
+    local now_for = audience(index, ARGV[15], ARGV[16])
+    if now_for then
+      redis.call('ZADD', now_for, seq, ARGV[14])
+    end
   end
 end
 

@@ -45,6 +45,8 @@ pub struct Shared {
     pub log: crate::log::Log,
     /// Cluster mode's Redis, for `/health`.
     pub redis: Option<crate::redis::Redis>,
+    /// Where the task and agent lists are read.
+    pub views: crate::views::Views,
 }
 
 /// The peer address of the TCP connection, put into each request by the accept loop.

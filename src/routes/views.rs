@@ -2,7 +2,8 @@
 //! caller's tenant. Any valid JWT of the tenant may read them (an API key gets
 //! 403: keys only publish); a user sees the entries set by broadcasts and by
 //! messages to them, an admin all of the tenant's. Nothing crosses tenants:
-//! the tenant comes from the token.
+//! the tenant comes from the token. The lists come from [`crate::views`]
+//! (SQLite, or Redis in cluster mode); analytics are this node's own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use super::accounts::token_claims;
 use super::{with_shared, Shared};
 use crate::auth::Claims;
 use crate::error::ApiError;
-use crate::store::{AgentEntry, StoreError, TaskEntry, Viewer};
+use crate::store::{AgentEntry, TaskEntry, Viewer};
+use crate::views::ViewError;
 
 /// Entries a list returns without `?limit=`.
 const DEFAULT_LIMIT: usize = 100;
@@ -34,7 +36,7 @@ pub fn tasks_list(
         .and_then(
             |claims: Claims, limit: usize, shared: Arc<Shared>| async move {
                 let tasks = shared
-                    .store
+                    .views
                     .tasks(viewer(&claims), limit)
                     .await
                     .map_err(unavailable)?;
@@ -56,7 +58,7 @@ pub fn agents_list(
         .and_then(
             |claims: Claims, limit: usize, shared: Arc<Shared>| async move {
                 let agents = shared
-                    .store
+                    .views
                     .agents(viewer(&claims), limit)
                     .await
                     .map_err(unavailable)?;
@@ -110,12 +112,9 @@ fn viewer(claims: &Claims) -> Viewer {
     }
 }
 
-/// A store that cannot be read: 503, with the detail logged, not shown.
-fn unavailable(error: StoreError) -> Rejection {
-    tracing::warn!(%error, "view read failed");
-    warp::reject::custom(ApiError::Unavailable(
-        "the view store is unavailable; retry later".into(),
-    ))
+/// A view that cannot be read: the one mapping in [`ApiError`] (503).
+fn unavailable(error: ViewError) -> Rejection {
+    warp::reject::custom(ApiError::from(error))
 }
 
 /// A task as the list shows it.

@@ -155,16 +155,22 @@ fn lock_store(data_dir: &Path) -> rusqlite::Connection {
 
 // ---- kill -9 with the real binary ---------------------------------------------------
 
-const SECRET: &str = "crash-test-secret-crash-test-secret";
+pub const SECRET: &str = "crash-test-secret-crash-test-secret";
 
-/// The `agentcast` binary serving on a free port of 127.0.0.1.
-struct Server {
+/// The `agentcast` binary serving on a free port of 127.0.0.1 (also the
+/// cluster tests' node that gets SIGKILL).
+pub struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub addr: SocketAddr,
 }
 
 impl Server {
-    fn start(data_dir: &Path) -> Server {
+    pub fn start(data_dir: &Path) -> Server {
+        Server::start_with(data_dir, &[])
+    }
+
+    /// With extra environment, e.g. `REDIS_URL` and `NODE_ID`.
+    pub fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_agentcast"))
             .args(["serve", "--bind", "127.0.0.1", "--port", "0"])
             .env("DATA_DIR", data_dir)
@@ -172,6 +178,7 @@ impl Server {
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .env_remove("LOG_STORE")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -193,11 +200,11 @@ impl Server {
         Server { child, addr }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         // std's kill is SIGKILL on Unix: no drain, no checkpoint.
         self.child.kill().expect("kill -9");
         self.child.wait().expect("reap the killed server");
@@ -211,7 +218,7 @@ impl Drop for Server {
     }
 }
 
-fn token(sub: &str, role: Role) -> String {
+pub fn token(sub: &str, role: Role) -> String {
     sign(
         Algorithm::HS256,
         SECRET,
@@ -219,7 +226,7 @@ fn token(sub: &str, role: Role) -> String {
     )
 }
 
-async fn connect(server: &Server, token: &str, resume: Option<(u64, &str)>) -> WsClient {
+pub async fn connect(server: &Server, token: &str, resume: Option<(u64, &str)>) -> WsClient {
     let query = resume.map_or(String::new(), |(since, epoch)| {
         format!("?since={since}&epoch={epoch}")
     });

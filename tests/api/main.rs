@@ -11,6 +11,8 @@
 //! - `durability`: the durable log across clean restarts, `kill -9` and a store
 //!   that cannot commit (issue 3);
 //! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts;
+//! - `cluster`, `cluster_nodes`: several nodes over one real Redis (SPEC §6): delivery,
+//!   Redis outages, the views on every node, a node killed and restarted;
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
 //! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
 //! - `hardening_ws`: issue 8 findings on WebSockets and tokens (Ping flood, `iss`/`aud`,
@@ -24,6 +26,7 @@ mod accounts;
 mod api_keys;
 mod auth;
 mod cluster;
+mod cluster_nodes;
 mod durability;
 mod hardening_http;
 mod hardening_store;
