@@ -56,7 +56,10 @@ pub async fn publish(
     }
 }
 
-/// Replaces this node's hash with `counts` and refreshes its heartbeat, atomically.
+/// Replaces this node's hash with `counts` and refreshes its heartbeat,
+/// atomically; drops the heartbeats older than [`NODE_TTL`], which count for
+/// nothing, so `P:nodes` does not grow by one node id per restart forever
+/// (a default `NODE_ID` has a random suffix).
 async fn write(redis: &Redis, counts: &Counts) -> Result<(), RedisError> {
     let keys = redis.keys();
     let key = keys.presence(redis.node());
@@ -66,9 +69,12 @@ async fn write(redis: &Redis, counts: &Counts) -> Result<(), RedisError> {
         let fields: Vec<(&String, &u64)> = counts.iter().collect();
         pipe.hset_multiple(&key, &fields).ignore();
     }
+    let now = now_ms();
     pipe.pexpire(&key, NODE_TTL.as_millis() as i64)
         .ignore()
-        .zadd(keys.nodes(), redis.node(), now_ms())
+        .zrembyscore(keys.nodes(), "-inf", now - NODE_TTL.as_millis() as i64)
+        .ignore()
+        .zadd(keys.nodes(), redis.node(), now)
         .ignore();
     let mut commands = redis.commands();
     pipe.query_async::<()>(&mut commands).await?;

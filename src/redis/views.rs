@@ -11,6 +11,9 @@
 //! the merge and fetches the entries atomically, so a list is a snapshot,
 //! like SQLite's: no entry twice, none missed while it moves.
 //!
+//! Like the SQLite store's tables, the views are not trimmed: one entry per
+//! task id and per agent id (until `deleted`), which the publishers choose.
+//!
 //! Bounded: a read touches at most `limit` ids of each index it reads and
 //! `limit` entries (`limit` is at most 1000, see `routes::views`), however
 //! many entries of others the tenant has; nothing is scanned and filtered.

@@ -120,6 +120,15 @@ async fn publish_views(app: &TestApp) {
         .await;
     app.broadcast("agent_update", agent("a3", "deleted", None))
         .await;
+    // Interleaved audiences, so a limited list of a user merges both indexes.
+    for i in 0..12 {
+        let data = task(&format!("m{i}"), "queued");
+        match i % 3 {
+            0 => app.broadcast("task_update", data).await,
+            1 => app.send_to_user("alice", "task_update", data).await,
+            _ => app.send_to_user("bob", "task_update", data).await,
+        };
+    }
     // Another tenant's task: nobody of `default` sees it.
     let other = app.token("boss", Role::Admin, "acme");
     let response = app
@@ -153,6 +162,7 @@ async fn views_are_the_same_on_every_node_and_as_on_a_single_node() {
         "/api/v1/tasks?limit=1",
         "/api/v1/agents?limit=1",
         "/api/v1/tasks?limit=2",
+        "/api/v1/tasks?limit=5",
     ];
     let mut seen = std::collections::HashMap::new();
     for (who, token) in &viewers {
@@ -178,25 +188,56 @@ async fn views_are_the_same_on_every_node_and_as_on_a_single_node() {
             .collect()
     };
     let tasks = "/api/v1/tasks";
-    assert_eq!(ids("admin", tasks, "tasks", "task_id"), ["t1", "t3", "t2"]);
-    assert_eq!(ids("alice", tasks, "tasks", "task_id"), ["t1", "t2"]);
-    assert_eq!(ids("bob", tasks, "tasks", "task_id"), ["t1", "t3"]);
-    assert_eq!(ids("carol", tasks, "tasks", "task_id"), ["t1"]);
+    let m = |ns: &[u32]| ns.iter().map(|n| format!("m{n}")).collect::<Vec<_>>();
+    let newest_first = |mut own: Vec<String>, older: &[&str]| {
+        own.reverse();
+        own.extend(older.iter().map(|s| s.to_string()));
+        own
+    };
+    assert_eq!(
+        ids("admin", tasks, "tasks", "task_id"),
+        newest_first(m(&(0..12).collect::<Vec<_>>()), &["t1", "t3", "t2"])
+    );
+    assert_eq!(
+        ids("alice", tasks, "tasks", "task_id"),
+        newest_first(m(&[0, 1, 3, 4, 6, 7, 9, 10]), &["t1", "t2"])
+    );
+    assert_eq!(
+        ids("bob", tasks, "tasks", "task_id"),
+        newest_first(m(&[0, 2, 3, 5, 6, 8, 9, 11]), &["t1", "t3"])
+    );
+    assert_eq!(
+        ids("carol", tasks, "tasks", "task_id"),
+        newest_first(m(&[0, 3, 6, 9]), &["t1"])
+    );
+    assert_eq!(
+        ids("alice", "/api/v1/tasks?limit=5", "tasks", "task_id"),
+        m(&[10, 9, 7, 6, 4])
+    );
     assert_eq!(ids("acme", tasks, "tasks", "task_id"), ["t9"]);
     assert_eq!(
         ids("admin", "/api/v1/tasks?limit=1", "tasks", "task_id"),
-        ["t1"]
+        ["m11"]
     );
-    let bob_t3 = &seen[&("bob", tasks)]["tasks"][1];
+    let task_of = |who: &str, id: &str| -> Value {
+        seen[&(who, tasks)]["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["task_id"] == id)
+            .unwrap_or_else(|| panic!("{who} does not see {id}"))
+            .clone()
+    };
+    let bob_t3 = &task_of("bob", "t3");
     assert_eq!(bob_t3["status"], "completed");
     assert!(
         bob_t3.get("query").is_none(),
         "alice's query shown to bob: {bob_t3}"
     );
-    let alice_t2 = &seen[&("alice", tasks)]["tasks"][1];
+    let alice_t2 = &task_of("alice", "t2");
     assert_eq!(alice_t2["query"], "alice's");
     assert_eq!(alice_t2["progress"], 33.3);
-    let t1 = &seen[&("carol", tasks)]["tasks"][0];
+    let t1 = &task_of("carol", "t1");
     assert_eq!(
         (t1["query"].clone(), t1["progress"].clone()),
         (json!("public"), json!(50.0))
@@ -330,4 +371,25 @@ async fn a_restarted_node_rejoins_the_same_log() {
             "both publishes reach tabs on both nodes"
         );
     }
+}
+
+/// Regression: `P:nodes` kept the heartbeat of every node that ever ran (a
+/// default `NODE_ID` is new at each start), growing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_of_dead_nodes_are_dropped_from_the_node_set() {
+    let redis = RedisServer::start().await;
+    redis.cli(&["ZADD", "h1:nodes", "1", "long-gone"]);
+    let _a = node(&redis, "h1", "a").await;
+    assert!(
+        wait_until(WAIT, async || redis
+            .cli(&["ZSCORE", "h1:nodes", "long-gone"])
+            .trim()
+            .is_empty())
+        .await,
+        "a heartbeat from 1970 is still in the node set"
+    );
+    assert!(
+        !redis.cli(&["ZSCORE", "h1:nodes", "a"]).trim().is_empty(),
+        "the live node's own heartbeat is there"
+    );
 }
