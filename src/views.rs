@@ -12,7 +12,7 @@ use crate::store::{AgentEntry, Store, StoreError, TaskEntry, Viewer};
 #[derive(Debug, Clone)]
 pub enum Views {
     Sqlite(Store),
-    Redis(Redis),
+    Redis(Box<Redis>),
 }
 
 /// A view that could not be read (the route answers 503).
@@ -28,7 +28,7 @@ impl Views {
     /// Redis in cluster mode, else the node's store.
     pub fn new(store: &Store, redis: Option<&Redis>) -> Views {
         match redis {
-            Some(redis) => Views::Redis(redis.clone()),
+            Some(redis) => Views::Redis(Box::new(redis.clone())),
             None => Views::Sqlite(store.clone()),
         }
     }
