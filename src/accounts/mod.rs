@@ -227,16 +227,17 @@ impl Accounts {
         if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
             return Err(refused());
         }
-        let record = if plausible {
-            self.directory.user_by_name(tenant, username).await?
-        } else {
-            None
+        let checked = self
+            .check_password(plausible.then_some((tenant, username)), password)
+            .await;
+        let (matches, user) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                // Not a failed guess: the password was never checked.
+                self.limiter.not_judged(&keys);
+                return Err(error);
+            }
         };
-        let (hash, user) = match record {
-            Some(record) => (record.password_hash, Some(record.user)),
-            None => (self.dummy_hash().await?, None),
-        };
-        let matches = self.verify(hash, password.to_owned()).await?;
         match (matches, user) {
             (true, Some(user)) if plausible => {
                 self.limiter.succeeded(&user_keys, Some(&ip_key));
@@ -249,6 +250,25 @@ impl Accounts {
                 Err(refused())
             }
         }
+    }
+
+    /// Whether `password` is the one of the account `name` (tenant and
+    /// username), and the account; an unknown name costs the same argon2
+    /// work against a dummy hash. An error when that could not be decided.
+    async fn check_password(
+        &self,
+        name: Option<(&str, &str)>,
+        password: &str,
+    ) -> Result<(bool, Option<User>), ApiError> {
+        let record = match name {
+            Some((tenant, username)) => self.directory.user_by_name(tenant, username).await?,
+            None => None,
+        };
+        let (hash, user) = match record {
+            Some(record) => (record.password_hash, Some(record.user)),
+            None => (self.dummy_hash().await?, None),
+        };
+        Ok((self.verify(hash, password.to_owned()).await?, user))
     }
 
     /// The stored account behind a valid token: 401 when there is none (an
