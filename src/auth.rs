@@ -21,8 +21,8 @@ use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Settings};
-use crate::error::ApiError;
 use crate::directory::Directory;
+use crate::error::ApiError;
 use crate::store::{hash_api_key, looks_like_api_key};
 
 /// What a token lets its holder do inside its tenant.

@@ -59,7 +59,8 @@ impl From<crate::redis::RedisError> for DirectoryError {
 #[derive(Debug, Clone)]
 pub enum Directory {
     Sqlite(Store),
-    Redis(RedisDirectory),
+    /// Boxed: a Redis handle is large, a store handle one pointer.
+    Redis(Box<RedisDirectory>),
 }
 
 /// One call on whichever engine, with the store's errors made the directory's.
@@ -76,7 +77,7 @@ impl Directory {
     /// The shared Redis when cluster mode has one, else the node's store.
     pub fn new(store: &Store, redis: Option<&crate::redis::Redis>) -> Directory {
         match redis {
-            Some(redis) => Directory::Redis(RedisDirectory::new(redis.clone())),
+            Some(redis) => Directory::Redis(Box::new(RedisDirectory::new(redis.clone()))),
             None => Directory::Sqlite(store.clone()),
         }
     }
@@ -209,7 +210,7 @@ pub async fn reset_password_hash(
     match redis {
         Some(settings) => {
             let redis = crate::redis::Redis::connect(settings, "admin-cli").await?;
-            Directory::Redis(RedisDirectory::new(redis))
+            Directory::Redis(Box::new(RedisDirectory::new(redis)))
                 .set_password_hash(tenant, username, password_hash)
                 .await
         }

@@ -117,12 +117,14 @@ fn reset_password(args: ResetPasswordArgs) -> ExitCode {
     if let Err(e) = validate_password(&password) {
         return fail(e.to_string());
     }
-    let redis = args.redis_url.clone().filter(|url| !url.is_empty()).map(|url| {
-        agentcast::config::RedisSettings {
+    let redis = args
+        .redis_url
+        .clone()
+        .filter(|url| !url.is_empty())
+        .map(|url| agentcast::config::RedisSettings {
             url: agentcast::config::Secret::new(url),
             prefix: args.redis_prefix.clone(),
-        }
-    });
+        });
     let place = match &redis {
         Some(_) => "Redis (REDIS_URL)".to_owned(),
         None => format!("data folder {}", args.data_dir.display()),

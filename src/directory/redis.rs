@@ -24,8 +24,8 @@ use super::DirectoryError;
 use crate::auth::Role;
 use crate::redis::{Redis, RedisError};
 use crate::store::{
-    check_name, new_key_info, new_user, now_ms, validate_username, ApiKeyInfo, User,
-    UserRecord, MAX_LISTED_KEYS,
+    check_name, new_key_info, new_user, now_ms, validate_username, ApiKeyInfo, User, UserRecord,
+    MAX_LISTED_KEYS,
 };
 
 /// A key's `last_used_at` is rewritten at most this often (ms): a key that
@@ -275,7 +275,11 @@ impl RedisDirectory {
     }
 
     /// The id behind a name, None for a name no account can have.
-    async fn user_id(&self, tenant: &str, username: &str) -> Result<Option<String>, DirectoryError> {
+    async fn user_id(
+        &self,
+        tenant: &str,
+        username: &str,
+    ) -> Result<Option<String>, DirectoryError> {
         if validate_username(username).is_err() || check_name("tenant", tenant).is_err() {
             return Ok(None);
         }

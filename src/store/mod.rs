@@ -46,12 +46,12 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::auth::Role;
 
+pub(crate) use accounts::new_user;
 pub use accounts::{
     hash_password, hash_password_async, validate_password, validate_username, verify_password,
     verify_password_async, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS,
 };
 pub use api_keys::{hash_api_key, looks_like_api_key, new_api_key};
-pub(crate) use accounts::new_user;
 pub(crate) use api_keys::{new_key_info, MAX_LISTED as MAX_LISTED_KEYS};
 
 use writer::{Job, Request};

@@ -26,7 +26,10 @@ fn note(text: &str) -> Value {
 /// Accounts in the directory of `prefix`, as Redis itself counts them.
 fn accounts_in_redis(redis: &RedisServer, prefix: &str) -> u64 {
     let count = redis.cli(&["SCARD", &format!("{prefix}:users")]);
-    count.trim().parse().unwrap_or_else(|_| panic!("SCARD: {count:?}"))
+    count
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("SCARD: {count:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +55,10 @@ async fn a_signup_on_one_node_logs_in_on_another() {
         )
         .await;
     assert_error(taken, 409, "alice signed up on a, ALICE on b").await;
-    assert_eq!(login(&b, "alice", "wrong horse battery").await.status(), 401);
+    assert_eq!(
+        login(&b, "alice", "wrong horse battery").await.status(),
+        401
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,10 +70,7 @@ async fn a_key_made_on_one_node_publishes_on_another_and_its_revoke_is_immediate
     let id = created["id"].as_str().unwrap();
 
     let receipt = accepted(b.post_broadcast(key, &note("from b")).await).await;
-    assert_eq!(
-        tab.expect_type("notification").await["seq"],
-        receipt["seq"]
-    );
+    assert_eq!(tab.expect_type("notification").await["seq"], receipt["seq"]);
     // Node b lists it, and sees its use (written by the lookup itself).
     let mut listed = Value::Null;
     let used = wait_until(Duration::from_secs(5), async || {
@@ -118,7 +121,9 @@ async fn three_nodes_booting_together_create_one_admin_with_the_configured_passw
 
 /// The password in a "created the first account" log line, if any.
 fn generated_password(log: &str) -> Option<String> {
-    let line = log.lines().find(|l| l.contains("created the first account"))?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("created the first account"))?;
     let start = line.find("password `")? + "password `".len();
     let end = start + line[start..].find('`')?;
     Some(line[start..end].to_owned())
@@ -165,7 +170,11 @@ async fn of_three_binaries_booting_together_only_the_creator_prints_the_password
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200, "the printed password works on every node");
+        assert_eq!(
+            response.status(),
+            200,
+            "the printed password works on every node"
+        );
     }
 }
 
@@ -240,9 +249,11 @@ async fn redis_down_means_503_for_signup_login_me_and_keys_never_500_or_401() {
     // Back with its data: the same accounts and keys, without a restart.
     redis.start_again().await;
     assert!(
-        wait_until(Duration::from_secs(20), async || login(&a, "alice", PASSWORD)
-            .await
-            .status()
+        wait_until(Duration::from_secs(20), async || login(
+            &a, "alice", PASSWORD
+        )
+        .await
+        .status()
             == 200)
         .await,
         "logins recover by themselves"
