@@ -326,3 +326,105 @@ async fn logins_refused_while_redis_is_down_do_not_lock_the_account_out() {
     assert!(recovered, "logins recover by themselves");
     assert_eq!(status, 200, "an outage is not a series of failed guesses");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_directory_makes_one_first_account_of_many_racing_and_keeps_its_rules() {
+    use agentcast::directory::{DirectoryError, RedisDirectory};
+    use agentcast::store::{hash_api_key, new_api_key};
+    let server = RedisServer::start().await;
+    let settings = agentcast::config::RedisSettings {
+        url: Secret::new(server.url()),
+        prefix: "d9".into(),
+    };
+    let redis = agentcast::redis::Redis::connect(&settings, "t")
+        .await
+        .unwrap();
+    let directory = RedisDirectory::new(redis);
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g";
+
+    let racers = (0..10).map(|i| {
+        let directory = directory.clone();
+        let name = format!("admin{i}");
+        async move {
+            directory
+                .create_first_user("default", &name, hash, Role::Admin)
+                .await
+                .unwrap()
+        }
+    });
+    let first: Vec<_> = futures_util::future::join_all(racers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(first.len(), 1, "one first account of ten racing: {first:?}");
+    assert_eq!(directory.count_users().await.unwrap(), 1);
+
+    // Names: unique per tenant in any case, free in another tenant.
+    let name = first[0].username.to_ascii_uppercase();
+    let taken = directory
+        .create_user("default", &name, hash, Role::User)
+        .await;
+    assert!(
+        matches!(taken, Err(DirectoryError::Conflict(_))),
+        "{taken:?}"
+    );
+    directory
+        .create_user("acme", &name, hash, Role::User)
+        .await
+        .unwrap();
+    let found = directory
+        .user_by_name("default", &name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (&found.user, found.password_hash.as_str()),
+        (&first[0], hash)
+    );
+    assert_eq!(
+        directory.user_by_id(&first[0].id).await.unwrap().as_ref(),
+        Some(&first[0])
+    );
+    assert!(directory
+        .user_by_name("default", "a b")
+        .await
+        .unwrap()
+        .is_none());
+    let bad = directory
+        .create_user("default", "a b", hash, Role::User)
+        .await;
+    assert!(matches!(bad, Err(DirectoryError::Invalid(_))), "{bad:?}");
+
+    // Keys: listed oldest first per tenant, revoked only by their tenant.
+    let mut made = Vec::new();
+    for name in ["one", "two", "three"] {
+        let (key, key_hash, prefix) = new_api_key();
+        let info = directory
+            .create_api_key("acme", name, key_hash, &prefix)
+            .await
+            .unwrap();
+        made.push((key, info));
+    }
+    made.sort_by(|a, b| (a.1.created_at_ms, &a.1.id).cmp(&(b.1.created_at_ms, &b.1.id)));
+    let listed = directory.list_api_keys("acme").await.unwrap();
+    let ids = |infos: &[agentcast::store::ApiKeyInfo]| -> Vec<String> {
+        infos.iter().map(|k| k.id.clone()).collect()
+    };
+    let made_infos: Vec<_> = made.iter().map(|(_, info)| info.clone()).collect();
+    assert_eq!(ids(&listed), ids(&made_infos));
+    assert!(directory.list_api_keys("globex").await.unwrap().is_empty());
+    let (key, info) = &made[0];
+    let used = directory.use_api_key(hash_api_key(key)).await.unwrap();
+    assert_eq!(used.map(|k| k.tenant), Some("acme".to_owned()));
+    assert!(!directory.revoke_api_key("globex", &info.id).await.unwrap());
+    assert!(directory.revoke_api_key("acme", &info.id).await.unwrap());
+    assert!(!directory.revoke_api_key("acme", &info.id).await.unwrap());
+    assert_eq!(
+        directory.use_api_key(hash_api_key(key)).await.unwrap(),
+        None
+    );
+    assert_eq!(directory.list_api_keys("acme").await.unwrap().len(), 2);
+    let dump = server.cli(&["--scan", "--pattern", "d9:*"]);
+    assert!(!dump.contains(key.as_str()), "never the key in a key name");
+}
