@@ -11,8 +11,9 @@
 //!
 //! API keys (`ak_…`, SPEC §2) are the other credential: they are looked up by
 //! their SHA-256 hash in the directory (SQLite, or the shared Redis in cluster
-//! mode, with no cache: a key revoked on any node fails on the next request), authorize the publish endpoints of their
-//! own tenant only, and never open a WebSocket.
+//! mode, with no cache: a key revoked on any node fails on the next request),
+//! authorize the publish endpoints of their own tenant only, and never open a
+//! WebSocket.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

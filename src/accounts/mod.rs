@@ -14,7 +14,8 @@
 //! that cannot get a turn within [`HASH_QUEUE_WAIT`] gets 503 instead of
 //! piling up memory. Signups are also limited per client IP
 //! (`SIGNUPS_PER_HOUR`), failed logins per IP and per username-and-IP (see
-//! [`limiter`]).
+//! [`limiter`]). A login the directory could not answer (503: Redis down, the
+//! store busy) is not a failure: its attempt is given back.
 //!
 //! Which client a login comes from: the TCP peer address, unless
 //! `TRUSTED_PROXY_HEADER` names a header a reverse proxy sets (fly.io:
