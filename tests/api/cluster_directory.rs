@@ -268,6 +268,8 @@ async fn admin_reset_password_changes_the_password_in_redis() {
         s.accounts.admin_password = Some(Secret::new(ADMIN_PASSWORD))
     })
     .await;
+    // The admin exists once node a answers (it bootstraps before it accepts).
+    login_ok(&a, "admin", ADMIN_PASSWORD).await;
     let b = spawn_node(&redis, "d7", "b", |_| {}).await;
     let chosen = "chosen-by-the-operator";
     let url = redis.url();
