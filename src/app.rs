@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::accounts::Accounts;
 use crate::auth::Authenticator;
 use crate::config::{ConfigError, RedisSettings, Settings, StoreSync};
+use crate::directory::{Directory, DirectoryError};
 use crate::hub::session::{self, SessionConfig};
 use crate::hub::{Hub, Limits};
 use crate::log::redis::RedisLog;
@@ -69,6 +70,8 @@ pub enum AppError {
     Log(#[from] LogError),
     #[error("cannot use REDIS_URL: {0}")]
     Redis(RedisError),
+    #[error("cannot create the first account: {0}")]
+    Directory(#[from] DirectoryError),
 }
 
 /// Binds `addr` with a large accept backlog.
@@ -139,7 +142,8 @@ pub async fn serve(
         .max_write_buffer_size(session::write_buffer_limit(settings.max_message_bytes))
         .max_message_size(Some(settings.max_message_bytes))
         .max_frame_size(Some(settings.max_message_bytes));
-    let accounts = Arc::new(Accounts::new(store.clone(), settings.accounts.clone()));
+    let directory = Directory::new(&store, redis.as_ref());
+    let accounts = Arc::new(Accounts::new(directory.clone(), settings.accounts.clone()));
     let base_url = base_url(&listener)?;
     accounts
         .bootstrap_admin(&format!("{base_url}/login.html"))
@@ -148,6 +152,7 @@ pub async fn serve(
         hub,
         auth,
         store: store.clone(),
+        directory,
         accounts,
         sessions,
         ws_config,

@@ -10,8 +10,10 @@
 //! `JWT_AUDIENCE` when it is set (unset: `aud` is ignored, not refused).
 //!
 //! API keys (`ak_…`, SPEC §2) are the other credential: they are looked up by
-//! their SHA-256 hash in the store, authorize the publish endpoints of their
-//! own tenant only, and never open a WebSocket.
+//! their SHA-256 hash in the directory (SQLite, or the shared Redis in cluster
+//! mode, with no cache: a key revoked on any node fails on the next request),
+//! authorize the publish endpoints of their own tenant only, and never open a
+//! WebSocket.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,8 +22,9 @@ use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Settings};
+use crate::directory::Directory;
 use crate::error::ApiError;
-use crate::store::{hash_api_key, looks_like_api_key, Store};
+use crate::store::{hash_api_key, looks_like_api_key};
 
 /// What a token lets its holder do inside its tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -236,16 +239,16 @@ impl Authenticator {
     }
 
     /// The principal allowed to publish with these headers: an admin JWT, or an
-    /// active API key (its tenant comes from the store, never from the request).
+    /// active API key (its tenant comes from the directory, never from the request).
     pub async fn publisher(
         &self,
-        store: &Store,
+        directory: &Directory,
         authorization: Option<&str>,
         api_key: Option<&str>,
     ) -> Result<Principal, ApiError> {
         match Credential::from_headers(authorization, api_key) {
             None => Err(ApiError::Unauthorized(AuthError::Missing)),
-            Some(Credential::ApiKey(key)) => api_key_principal(store, key).await,
+            Some(Credential::ApiKey(key)) => api_key_principal(directory, key).await,
             Some(Credential::Token(token)) => {
                 let claims = self.verify(token).map_err(ApiError::Unauthorized)?;
                 if !claims.is_admin() {
@@ -258,18 +261,17 @@ impl Authenticator {
 }
 
 /// The active key `key`, noting its use; 401 for a malformed, unknown or
-/// revoked key. The lookup is by SHA-256 hash, so no comparison of the
-/// secret itself can leak timing.
-async fn api_key_principal(store: &Store, key: &str) -> Result<Principal, ApiError> {
+/// revoked key, 503 when the directory cannot answer (never a 401 then). The
+/// lookup is by SHA-256 hash, so no comparison of the secret itself can leak
+/// timing.
+async fn api_key_principal(directory: &Directory, key: &str) -> Result<Principal, ApiError> {
     if !looks_like_api_key(key) {
         return Err(ApiError::Unauthorized(AuthError::InvalidApiKey));
     }
-    let info = store
-        .api_key_by_hash(hash_api_key(key))
-        .await
-        .map_err(ApiError::from_store)?
+    let info = directory
+        .use_api_key(hash_api_key(key))
+        .await?
         .ok_or(ApiError::Unauthorized(AuthError::InvalidApiKey))?;
-    store.touch_api_key(&info.id);
     Ok(Principal::ApiKey {
         id: info.id,
         tenant: info.tenant,

@@ -331,6 +331,12 @@ pub struct ResetPasswordArgs {
     /// The server's data folder (holding agentcast.db).
     #[arg(long, env = "DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// Cluster mode: the account is in this Redis, not in the data folder.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// The cluster's `REDIS_PREFIX`.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "agentcast")]
+    pub redis_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -12,6 +12,7 @@ use warp::reply::Response;
 use warp::{Rejection, Reply};
 
 use crate::auth::AuthError;
+use crate::directory::DirectoryError;
 use crate::log::LogError;
 use crate::views::ViewError;
 
@@ -68,6 +69,22 @@ impl From<ViewError> for ApiError {
     fn from(error: ViewError) -> Self {
         tracing::warn!(%error, "view read failed");
         ApiError::Unavailable("the view store is unavailable; retry later".into())
+    }
+}
+
+/// The one mapping of the directory's errors (accounts and API keys): a
+/// directory that cannot answer now (Redis down, the store busy) is a 503,
+/// never a 500 or a 401 that would tell a valid credential it is wrong.
+impl From<DirectoryError> for ApiError {
+    fn from(error: DirectoryError) -> Self {
+        match error {
+            DirectoryError::Conflict(text) => ApiError::Conflict(text),
+            DirectoryError::Invalid(text) => ApiError::Unprocessable(text),
+            DirectoryError::Unavailable(_) => ApiError::Unavailable(
+                "accounts and api keys are unavailable right now; retry later".into(),
+            ),
+            DirectoryError::Internal(text) => ApiError::Internal(text),
+        }
     }
 }
 

@@ -13,6 +13,8 @@
 //!   in the binary.
 //! - [`auth`]: token claims, pinned algorithms, publisher checks (JWT or API key).
 //! - [`accounts`]: the bootstrap admin, signup, login and its failed-login limiter.
+//! - [`directory`]: accounts and API keys, in the SQLite store or, in cluster
+//!   mode, in the shared Redis.
 //! - [`hub`]: the log's sink — tenants, connections, outboxes, fan-out, and
 //!   the per-connection [`hub::session`] loop; [`hub::wire`] holds the
 //!   server's own frames.
@@ -45,6 +47,7 @@ pub mod app;
 pub mod auth;
 pub mod bench;
 pub mod config;
+pub mod directory;
 pub mod error;
 pub mod hub;
 pub mod log;

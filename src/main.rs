@@ -93,10 +93,10 @@ fn token(args: agentcast::config::TokenArgs) -> ExitCode {
 
 /// `agentcast admin reset-password`: a new password for one account, set in
 /// the data folder of a stopped or running server (SQLite lets this second
-/// writer in between the server's commits). The password goes to stdout
-/// only, never to a log.
+/// writer in between the server's commits), or in the cluster's Redis when
+/// `REDIS_URL` is set. The password goes to stdout only, never to a log.
 fn reset_password(args: ResetPasswordArgs) -> ExitCode {
-    use agentcast::store::{hash_password, validate_password, Store, MAX_PASSWORD_BYTES};
+    use agentcast::store::{hash_password, validate_password, MAX_PASSWORD_BYTES};
     use std::io::{BufRead, Read};
 
     let fail = |message: String| {
@@ -117,7 +117,19 @@ fn reset_password(args: ResetPasswordArgs) -> ExitCode {
     if let Err(e) = validate_password(&password) {
         return fail(e.to_string());
     }
-    if !args.data_dir.join("agentcast.db").exists() {
+    let redis = args
+        .redis_url
+        .clone()
+        .filter(|url| !url.is_empty())
+        .map(|url| agentcast::config::RedisSettings {
+            url: agentcast::config::Secret::new(url),
+            prefix: args.redis_prefix.clone(),
+        });
+    let place = match &redis {
+        Some(_) => "Redis (REDIS_URL)".to_owned(),
+        None => format!("data folder {}", args.data_dir.display()),
+    };
+    if redis.is_none() && !args.data_dir.join("agentcast.db").exists() {
         return fail(format!(
             "no store in {} (point --data-dir or DATA_DIR at the server's data folder)",
             args.data_dir.display()
@@ -134,14 +146,13 @@ fn reset_password(args: ResetPasswordArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    let result = runtime.block_on(async {
-        let store = Store::open(&args.data_dir)?;
-        let updated = store
-            .set_password_hash(&args.tenant, &args.username, &hash)
-            .await;
-        store.close().await;
-        updated
-    });
+    let result = runtime.block_on(agentcast::directory::reset_password_hash(
+        redis.as_ref(),
+        &args.data_dir,
+        &args.tenant,
+        &args.username,
+        &hash,
+    ));
     match result {
         Ok(true) if args.password_stdin => {
             eprintln!(
@@ -159,12 +170,10 @@ fn reset_password(args: ResetPasswordArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(false) => fail(format!(
-            "no account {:?} in tenant {:?} in {}",
-            args.username,
-            args.tenant,
-            args.data_dir.display()
+            "no account {:?} in tenant {:?} in {place}",
+            args.username, args.tenant
         )),
-        Err(e) => fail(format!("{e} (data folder {})", args.data_dir.display())),
+        Err(e) => fail(format!("{e} ({place})")),
     }
 }
 

@@ -3,9 +3,9 @@
 //! every key, all under `REDIS_PREFIX`.
 //!
 //! Who uses it: the log's Redis engine (`log::redis`: the publish script, the
-//! history, the subscriber, the views the script writes) and the presence of
-//! every node ([`presence`]). Accounts and API keys are not in Redis yet
-//! (issue 9): each node keeps its own.
+//! history, the subscriber, the views the script writes), the presence of
+//! every node ([`presence`]), and the directory of accounts and API keys
+//! ([`crate::directory::redis`]), which every node shares with no cache.
 //!
 //! The views' read side ([`views`]) answers `GET /api/v1/tasks` and
 //! `/agents` from the entries the publish script writes, so every node
@@ -27,6 +27,12 @@
 //! | `P:view:T:tasks:b`, `P:view:T:agents:b` | sorted set | id -> seq of the entries a broadcast set |
 //! | `P:view:T:tasks:u:USER`, `P:view:T:agents:u:USER` | sorted set | id -> seq of the entries a message to USER set |
 //! | `P:view:T:task:ID`, `P:view:T:agent:ID` | hash | one view entry |
+//! | `P:users` | set | the id of every account (empty: bootstrap the admin) |
+//! | `P:user:ID` | hash | an account: `id`, `tenant`, `username`, `hash` (argon2id), `role`, `created_at` |
+//! | `P:username:T:NAME` | string | the id of the account `NAME` (ASCII lower case) of tenant `T` |
+//! | `P:apikey:ID` | hash | a key: `id`, `tenant`, `name`, `prefix`, `key_hash`, `created_at`, `last_used_at`, `revoked_at` (never the key) |
+//! | `P:apikey-hash:H` | string | the id of the active key whose SHA-256 is `H` (hex); deleted at revoke |
+//! | `P:apikeys:T` | sorted set | the active keys of tenant `T`: id -> creation time (ms) |
 
 use std::time::Duration;
 
@@ -188,6 +194,37 @@ impl Keys {
 
     pub fn presence(&self, node: &str) -> String {
         format!("{}:presence:{node}", self.prefix)
+    }
+
+    pub fn users(&self) -> String {
+        format!("{}:users", self.prefix)
+    }
+
+    pub fn user(&self, id: &str) -> String {
+        format!("{}:user:{id}", self.prefix)
+    }
+
+    /// Usernames compare case-insensitively (they are ASCII, as SQLite's
+    /// `NOCASE` folds them); they hold no `:`, so the tenant before is whole.
+    pub fn username(&self, tenant: &str, username: &str) -> String {
+        format!(
+            "{}:username:{tenant}:{}",
+            self.prefix,
+            username.to_ascii_lowercase()
+        )
+    }
+
+    pub fn api_key(&self, id: &str) -> String {
+        format!("{}:apikey:{id}", self.prefix)
+    }
+
+    /// `hash` is the key's SHA-256 in hex.
+    pub fn api_key_hash(&self, hash: &str) -> String {
+        format!("{}:apikey-hash:{hash}", self.prefix)
+    }
+
+    pub fn api_keys(&self, tenant: &str) -> String {
+        format!("{}:apikeys:{tenant}", self.prefix)
     }
 
     /// `kind` is `tasks` or `agents`.

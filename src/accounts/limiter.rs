@@ -202,6 +202,19 @@ impl LoginLimiter {
         }
     }
 
+    /// The attempt admitted by [`LoginLimiter::begin`] was never judged (the
+    /// directory could not answer, or no argon2 turn came): give back the
+    /// attempt counted for each of `keys`, so an outage turns into 503s, not
+    /// into failures that lock the owner out later.
+    pub fn not_judged(&self, keys: &[LimitKey]) {
+        let mut windows = self.lock();
+        for key in keys {
+            if let Some(window) = windows.get_mut(key) {
+                window.failures = window.failures.saturating_sub(1);
+            }
+        }
+    }
+
     /// Keys tracked now (for tests and metrics).
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -270,6 +283,22 @@ mod tests {
             LimitKey::user_at_ip("default", username, addr(from)),
             LimitKey::user("default", username),
         ]
+    }
+
+    #[test]
+    fn attempts_never_judged_are_given_back() {
+        let limiter = LoginLimiter::new(3, WINDOW);
+        let t0 = Instant::now();
+        let keys = login("alice", 1);
+        // Many more attempts than the limit, each one unanswered (Redis down).
+        for _ in 0..10 {
+            assert!(limiter.begin(&keys, t0).is_ok());
+            limiter.not_judged(&keys);
+        }
+        for _ in 0..3 {
+            assert!(limiter.begin(&keys, t0).is_ok(), "the full limit is left");
+        }
+        assert!(limiter.begin(&keys, t0).is_err());
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! The accounts of the embedded store as a service (SPEC §2): the bootstrap
+//! The accounts of the directory as a service (SPEC §2): the bootstrap
 //! admin, signup, login with its failure limiter, and the account behind a
-//! token. The routes in `routes::accounts` are thin over [`Accounts`].
+//! token. The routes in `routes::accounts` are thin over [`Accounts`]. The
+//! accounts themselves live in the [`Directory`] (the node's SQLite store,
+//! or the shared Redis in cluster mode); the limiters live in this node's
+//! memory.
 //!
 //! Password hashing is the expensive part: argon2id takes tens of
 //! milliseconds of a core and ~19 MiB per call. It runs on the blocking pool
@@ -11,7 +14,8 @@
 //! that cannot get a turn within [`HASH_QUEUE_WAIT`] gets 503 instead of
 //! piling up memory. Signups are also limited per client IP
 //! (`SIGNUPS_PER_HOUR`), failed logins per IP and per username-and-IP (see
-//! [`limiter`]).
+//! [`limiter`]). A login the directory could not answer (503: Redis down, the
+//! store busy) is not a failure: its attempt is given back.
 //!
 //! Which client a login comes from: the TCP peer address, unless
 //! `TRUSTED_PROXY_HEADER` names a header a reverse proxy sets (fly.io:
@@ -32,10 +36,11 @@ pub use limiter::{LimitKey, LoginLimiter, MAX_SLOWDOWN};
 
 use crate::auth::{random_token, valid_tenant, AuthError, Claims, Role};
 use crate::config::AccountSettings;
+use crate::directory::{Directory, DirectoryError};
 use crate::error::ApiError;
 use crate::store::{
-    hash_password_async, validate_password, validate_username, verify_password_async, Store,
-    StoreError, User, MAX_PASSWORD_BYTES,
+    hash_password_async, validate_password, validate_username, verify_password_async, StoreError,
+    User, MAX_PASSWORD_BYTES,
 };
 
 /// The tenant of signups, of the bootstrap admin, and of a login that names none.
@@ -54,9 +59,9 @@ pub const SIGNUP_WINDOW: Duration = Duration::from_secs(3600);
 /// (only in-process callers have none: every HTTP request has a peer).
 const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
-/// Signup, login and the bootstrap admin, over the store.
+/// Signup, login and the bootstrap admin, over the directory.
 pub struct Accounts {
-    store: Store,
+    directory: Directory,
     settings: AccountSettings,
     limiter: LoginLimiter,
     /// Signups per client IP per hour.
@@ -84,10 +89,10 @@ impl std::fmt::Debug for Accounts {
 impl Accounts {
     /// Starts hashing the dummy password in the background, so the first
     /// login of an unknown username is not the one that pays for it.
-    pub fn new(store: Store, settings: AccountSettings) -> Accounts {
+    pub fn new(directory: Directory, settings: AccountSettings) -> Accounts {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let accounts = Accounts {
-            store,
+            directory,
             limiter: LoginLimiter::new(settings.login_max_failures, settings.login_window),
             signup_limiter: LoginLimiter::named(
                 "signups",
@@ -110,11 +115,12 @@ impl Accounts {
         &self.settings
     }
 
-    /// On an empty store, creates `admin` (tenant `default`, role admin) with
-    /// `ADMIN_PASSWORD`, or with a random password printed once to the log:
-    /// the only secret agentcast ever logs, and only this once.
-    pub async fn bootstrap_admin(&self, login_url: &str) -> Result<(), StoreError> {
-        if self.store.count_users().await? > 0 {
+    /// On an empty directory, creates `admin` (tenant `default`, role admin)
+    /// with `ADMIN_PASSWORD`, or with a random password printed once to the
+    /// log: the only secret agentcast ever logs, and only this once, by the
+    /// one node whose creation won (the others' passwords were never stored).
+    pub async fn bootstrap_admin(&self, login_url: &str) -> Result<(), DirectoryError> {
+        if self.directory.count_users().await? > 0 {
             return Ok(());
         }
         let (password, generated) = match &self.settings.admin_password {
@@ -122,15 +128,13 @@ impl Accounts {
             None => (random_token(24), true),
         };
         let hash = hash_password_async(password.clone()).await?;
-        match self
-            .store
-            .create_user(DEFAULT_TENANT, ADMIN_USERNAME, &hash, Role::Admin)
-            .await
-        {
-            Ok(_) => {}
-            // Another process sharing the file created it first.
-            Err(StoreError::Conflict(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let created = self
+            .directory
+            .create_first_user(DEFAULT_TENANT, ADMIN_USERNAME, &hash, Role::Admin)
+            .await?;
+        if created.is_none() {
+            // Another node (or a process sharing the file) was first.
+            return Ok(());
         }
         if generated {
             tracing::warn!(
@@ -168,14 +172,14 @@ impl Accounts {
             .map_err(too_many)?;
         let hash = self.hash(password.to_owned()).await?;
         let user = self
-            .store
+            .directory
             .create_user(DEFAULT_TENANT, username, &hash, Role::User)
             .await
             .map_err(|e| match e {
-                StoreError::Conflict(_) => {
+                DirectoryError::Conflict(_) => {
                     ApiError::Conflict(format!("username '{username}' is taken"))
                 }
-                other => ApiError::from_store(other),
+                other => ApiError::from(other),
             })?;
         tracing::info!(user = %user.id, username = %user.username, tenant = %user.tenant, "account created");
         Ok(user)
@@ -224,19 +228,17 @@ impl Accounts {
         if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
             return Err(refused());
         }
-        let record = if plausible {
-            self.store
-                .user_by_name(tenant, username)
-                .await
-                .map_err(ApiError::from_store)?
-        } else {
-            None
+        let checked = self
+            .check_password(plausible.then_some((tenant, username)), password)
+            .await;
+        let (matches, user) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                // Not a failed guess: the password was never checked.
+                self.limiter.not_judged(&keys);
+                return Err(error);
+            }
         };
-        let (hash, user) = match record {
-            Some(record) => (record.password_hash, Some(record.user)),
-            None => (self.dummy_hash().await?, None),
-        };
-        let matches = self.verify(hash, password.to_owned()).await?;
         match (matches, user) {
             (true, Some(user)) if plausible => {
                 self.limiter.succeeded(&user_keys, Some(&ip_key));
@@ -251,16 +253,30 @@ impl Accounts {
         }
     }
 
+    /// Whether `password` is the one of the account `name` (tenant and
+    /// username), and the account; an unknown name costs the same argon2
+    /// work against a dummy hash. An error when that could not be decided.
+    async fn check_password(
+        &self,
+        name: Option<(&str, &str)>,
+        password: &str,
+    ) -> Result<(bool, Option<User>), ApiError> {
+        let record = match name {
+            Some((tenant, username)) => self.directory.user_by_name(tenant, username).await?,
+            None => None,
+        };
+        let (hash, user) = match record {
+            Some(record) => (record.password_hash, Some(record.user)),
+            None => (self.dummy_hash().await?, None),
+        };
+        Ok((self.verify(hash, password.to_owned()).await?, user))
+    }
+
     /// The stored account behind a valid token: 401 when there is none (an
     /// account that no longer exists, or a token minted elsewhere for a `sub`
-    /// that is not an account of this store).
+    /// that is not an account of this directory).
     pub async fn account(&self, claims: &Claims) -> Result<User, ApiError> {
-        match self
-            .store
-            .user_by_id(&claims.sub)
-            .await
-            .map_err(ApiError::from_store)?
-        {
+        match self.directory.user_by_id(&claims.sub).await? {
             Some(user) if user.tenant == claims.tenant => Ok(user),
             _ => Err(ApiError::Unauthorized(AuthError::UnknownAccount)),
         }
@@ -345,11 +361,15 @@ async fn make_dummy_hash() -> Result<String, StoreError> {
 mod tests {
     use super::*;
     use crate::store::testing::TempDir;
+    use crate::store::Store;
 
     fn accounts(dir: &TempDir, tweak: impl FnOnce(&mut AccountSettings)) -> Accounts {
         let mut settings = AccountSettings::for_tests();
         tweak(&mut settings);
-        Accounts::new(Store::open(dir.path()).unwrap(), settings)
+        Accounts::new(
+            Directory::Sqlite(Store::open(dir.path()).unwrap()),
+            settings,
+        )
     }
 
     #[tokio::test]
@@ -366,7 +386,7 @@ mod tests {
             .bootstrap_admin("http://x/login.html")
             .await
             .unwrap();
-        assert_eq!(accounts.store.count_users().await.unwrap(), 1);
+        assert_eq!(accounts.directory.count_users().await.unwrap(), 1);
         let admin = accounts
             .login(None, None, "admin", "correct horse")
             .await

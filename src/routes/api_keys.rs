@@ -14,6 +14,7 @@ use super::accounts::{admin_claims, no_store, rfc3339, AUTH_BODY_LIMIT};
 use super::body::json_body;
 use super::{with_shared, Shared};
 use crate::auth::Claims;
+use crate::directory::DirectoryError;
 use crate::error::ApiError;
 use crate::log::Target;
 use crate::store::{new_api_key, ApiKeyInfo};
@@ -66,10 +67,10 @@ async fn create(
 ) -> Result<impl Reply, Rejection> {
     let (key, hash, prefix) = new_api_key();
     let info = shared
-        .store
+        .directory
         .create_api_key(&claims.tenant, &body.name, hash, &prefix)
         .await
-        .map_err(|e| warp::reject::custom(ApiError::from_store(e)))?;
+        .map_err(reject)?;
     tracing::info!(tenant = %info.tenant, key_id = %info.id, prefix = %info.prefix, by = %claims.sub, "api key created");
     alert_admins(
         &shared,
@@ -95,32 +96,31 @@ async fn create(
 
 async fn list(claims: Claims, shared: Arc<Shared>) -> Result<impl Reply, Rejection> {
     let keys = shared
-        .store
+        .directory
         .list_api_keys(&claims.tenant)
         .await
-        .map_err(|e| warp::reject::custom(ApiError::from_store(e)))?;
+        .map_err(reject)?;
     let keys: Vec<_> = keys.iter().map(public_view).collect();
     Ok(warp::reply::json(&json!({ "api_keys": keys })))
 }
 
 async fn revoke(id: String, claims: Claims, shared: Arc<Shared>) -> Result<impl Reply, Rejection> {
-    let store_error = |e| warp::reject::custom(ApiError::from_store(e));
     // Looked up first for the alert's text; the revoke itself decides.
     let known = shared
-        .store
+        .directory
         .list_api_keys(&claims.tenant)
         .await
-        .map_err(store_error)?
+        .map_err(reject)?
         .into_iter()
         .find(|k| k.id == id);
     let Some(info) = known else {
         return Err(warp::reject::custom(ApiError::NotFound));
     };
     if !shared
-        .store
+        .directory
         .revoke_api_key(&claims.tenant, &id)
         .await
-        .map_err(store_error)?
+        .map_err(reject)?
     {
         return Err(warp::reject::custom(ApiError::NotFound));
     }
@@ -137,6 +137,10 @@ async fn revoke(id: String, claims: Claims, shared: Arc<Shared>) -> Result<impl 
     )
     .await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn reject(error: DirectoryError) -> Rejection {
+    warp::reject::custom(ApiError::from(error))
 }
 
 /// A key as listed: never the key, never its hash.

@@ -20,6 +20,7 @@ use warp::{Filter, Reply};
 use crate::accounts::Accounts;
 use crate::auth::Authenticator;
 use crate::config::Secret;
+use crate::directory::Directory;
 use crate::hub::session::SessionConfig;
 use crate::hub::Hub;
 use crate::store::Store;
@@ -29,9 +30,11 @@ use crate::store::Store;
 pub struct Shared {
     pub hub: Hub,
     pub auth: Arc<Authenticator>,
-    /// Accounts, API keys and the durable tenant logs (`DATA_DIR/agentcast.db`).
+    /// The durable tenant logs and views (`DATA_DIR/agentcast.db`).
     pub store: Store,
-    /// Signup, login and the failed-login limiter, over `store`.
+    /// Accounts and API keys: `store`, or the shared Redis in cluster mode.
+    pub directory: Directory,
+    /// Signup, login and the failed-login limiter, over `directory`.
     pub accounts: Arc<Accounts>,
     pub sessions: Arc<SessionConfig>,
     /// tungstenite settings of every upgraded socket (small buffers, frame limit).

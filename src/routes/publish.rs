@@ -91,7 +91,7 @@ fn publisher(
             |authorization: Option<String>, api_key: Option<String>, shared: Arc<Shared>| async move {
                 shared
                     .auth
-                    .publisher(&shared.store, authorization.as_deref(), api_key.as_deref())
+                    .publisher(&shared.directory, authorization.as_deref(), api_key.as_deref())
                     .await
                     .map_err(|e| {
                         if matches!(e, ApiError::Unauthorized(_)) {

@@ -98,20 +98,7 @@ impl Store {
         password_hash: &str,
         role: Role,
     ) -> Result<User, StoreError> {
-        check_name("tenant", tenant)?;
-        validate_username(username)?;
-        if !password_hash.starts_with('$') || password_hash.len() > 512 {
-            return Err(StoreError::Invalid(
-                "password hash must be a PHC string".into(),
-            ));
-        }
-        let user = User {
-            id: new_id(),
-            username: username.to_owned(),
-            role,
-            tenant: tenant.to_owned(),
-            created_at_ms: now_ms(),
-        };
+        let user = new_user(tenant, username, password_hash, role)?;
         let password_hash = password_hash.to_owned();
         self.write(
             move |conn| {
@@ -203,6 +190,30 @@ impl Store {
         )
         .await
     }
+}
+
+/// The record of a new account, once its tenant, username and hash pass the
+/// rules every directory applies.
+pub(crate) fn new_user(
+    tenant: &str,
+    username: &str,
+    password_hash: &str,
+    role: Role,
+) -> Result<User, StoreError> {
+    check_name("tenant", tenant)?;
+    validate_username(username)?;
+    if !password_hash.starts_with('$') || password_hash.len() > 512 {
+        return Err(StoreError::Invalid(
+            "password hash must be a PHC string".into(),
+        ));
+    }
+    Ok(User {
+        id: new_id(),
+        username: username.to_owned(),
+        role,
+        tenant: tenant.to_owned(),
+        created_at_ms: now_ms(),
+    })
 }
 
 fn insert_user(conn: &Connection, user: &User, password_hash: &str) -> Result<(), StoreError> {

@@ -16,7 +16,7 @@ const KEY_RANDOM_CHARS: usize = 40;
 /// Characters of the key kept in clear to recognise it in a list.
 const SHOWN_PREFIX_CHARS: usize = KEY_PREFIX.len() + 6;
 /// Keys listed per tenant; a tenant with more sees the oldest this many.
-const MAX_LISTED: i64 = 1000;
+pub(crate) const MAX_LISTED: i64 = 1000;
 /// Longest key name, in bytes.
 const MAX_KEY_NAME: usize = 100;
 
@@ -54,26 +54,7 @@ impl Store {
         key_hash: [u8; 32],
         prefix: &str,
     ) -> Result<ApiKeyInfo, StoreError> {
-        check_name("tenant", tenant)?;
-        let name = name.trim();
-        if name.is_empty() || name.len() > MAX_KEY_NAME || name.chars().any(char::is_control) {
-            return Err(StoreError::Invalid(format!(
-                "name must be 1 to {MAX_KEY_NAME} bytes without control characters"
-            )));
-        }
-        if prefix.len() > 16 || !prefix.starts_with(KEY_PREFIX) {
-            return Err(StoreError::Invalid(
-                "prefix must be the key's first characters".into(),
-            ));
-        }
-        let info = ApiKeyInfo {
-            id: new_id(),
-            tenant: tenant.to_owned(),
-            name: name.to_owned(),
-            prefix: prefix.to_owned(),
-            created_at_ms: now_ms(),
-            last_used_at_ms: None,
-        };
+        let info = new_key_info(tenant, name, prefix)?;
         self.write(
             move |conn| {
                 insert_key(conn, &info, &key_hash)?;
@@ -84,7 +65,7 @@ impl Store {
         .await
     }
 
-    /// The active keys of `tenant`, oldest first, without secrets.
+    /// The active keys of `tenant`, oldest first ([`MAX_LISTED`] at most), without secrets.
     pub async fn list_api_keys(&self, tenant: &str) -> Result<Vec<ApiKeyInfo>, StoreError> {
         let tenant = tenant.to_owned();
         self.read(move |conn| {
@@ -166,6 +147,35 @@ impl Store {
             let _ = self.inner.write_tx.try_send(super::writer::Request::Flush);
         }
     }
+}
+
+/// The record of a new key of `tenant` (name trimmed), once its tenant,
+/// name and prefix pass the rules every directory applies.
+pub(crate) fn new_key_info(
+    tenant: &str,
+    name: &str,
+    prefix: &str,
+) -> Result<ApiKeyInfo, StoreError> {
+    check_name("tenant", tenant)?;
+    let name = name.trim();
+    if name.is_empty() || name.len() > MAX_KEY_NAME || name.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(format!(
+            "name must be 1 to {MAX_KEY_NAME} bytes without control characters"
+        )));
+    }
+    if prefix.len() > 16 || !prefix.starts_with(KEY_PREFIX) {
+        return Err(StoreError::Invalid(
+            "prefix must be the key's first characters".into(),
+        ));
+    }
+    Ok(ApiKeyInfo {
+        id: new_id(),
+        tenant: tenant.to_owned(),
+        name: name.to_owned(),
+        prefix: prefix.to_owned(),
+        created_at_ms: now_ms(),
+        last_used_at_ms: None,
+    })
 }
 
 fn insert_key(conn: &Connection, info: &ApiKeyInfo, key_hash: &[u8; 32]) -> Result<(), StoreError> {

@@ -46,11 +46,13 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::auth::Role;
 
+pub(crate) use accounts::new_user;
 pub use accounts::{
     hash_password, hash_password_async, validate_password, validate_username, verify_password,
     verify_password_async, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS,
 };
 pub use api_keys::{hash_api_key, looks_like_api_key, new_api_key};
+pub(crate) use api_keys::{new_key_info, MAX_LISTED as MAX_LISTED_KEYS};
 
 use writer::{Job, Request};
 
@@ -569,18 +571,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// A tenant name or other short label: non-empty, bounded, no control characters.
-fn check_name(what: &str, value: &str) -> Result<(), StoreError> {
+pub(crate) fn check_name(what: &str, value: &str) -> Result<(), StoreError> {
     if value.is_empty() || value.len() > MAX_NAME_BYTES || value.chars().any(char::is_control) {
         return Err(StoreError::Invalid(format!(
             "{what} must be 1 to {MAX_NAME_BYTES} bytes without control characters"

@@ -81,7 +81,7 @@ async fn login_from(
         .expect("POST login failed")
 }
 
-async fn get_me(app: &TestApp, token: &str) -> reqwest::Response {
+pub(crate) async fn get_me(app: &TestApp, token: &str) -> reqwest::Response {
     app.http
         .get(app.url(ME))
         .bearer_auth(token)

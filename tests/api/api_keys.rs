@@ -12,7 +12,7 @@ use crate::helpers::{accepted, assert_error, spawn_app, wait_until, TestApp, WsC
 const KEYS: &str = "/api/v1/api-keys";
 
 /// Creates a key as `admin_token`; returns the 201 body `{id, name, key, created_at}`.
-async fn create_key(app: &TestApp, admin_token: &str, name: &str) -> Value {
+pub(crate) async fn create_key(app: &TestApp, admin_token: &str, name: &str) -> Value {
     let response = app
         .post_json(KEYS, Some(admin_token), &json!({"name": name}))
         .await;
@@ -32,7 +32,7 @@ async fn create_key(app: &TestApp, admin_token: &str, name: &str) -> Value {
     body
 }
 
-async fn list_keys(app: &TestApp, token: &str) -> reqwest::Response {
+pub(crate) async fn list_keys(app: &TestApp, token: &str) -> reqwest::Response {
     app.http
         .get(app.url(KEYS))
         .bearer_auth(token)
@@ -41,7 +41,7 @@ async fn list_keys(app: &TestApp, token: &str) -> reqwest::Response {
         .expect("GET api-keys failed")
 }
 
-async fn revoke_key(app: &TestApp, token: &str, id: &str) -> reqwest::Response {
+pub(crate) async fn revoke_key(app: &TestApp, token: &str, id: &str) -> reqwest::Response {
     app.http
         .delete(app.url(&format!("{KEYS}/{id}")))
         .bearer_auth(token)

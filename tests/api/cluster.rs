@@ -21,7 +21,7 @@ async fn frames(tab: &mut WsClient, kind: &str, count: usize) -> Vec<Value> {
 }
 
 /// A Redis and two nodes of it, `a` and `b`, in the key namespace `prefix`.
-async fn two_nodes(prefix: &str) -> (RedisServer, TestApp, TestApp) {
+pub(crate) async fn two_nodes(prefix: &str) -> (RedisServer, TestApp, TestApp) {
     let redis = RedisServer::start().await;
     let a = spawn_node(&redis, prefix, "a", |_| {}).await;
     let b = spawn_node(&redis, prefix, "b", |_| {}).await;

@@ -19,6 +19,8 @@
 //!   `exp` overflow, refresh role, `nbf`);
 //! - `logs`: the real binary's log holds no password, token or key;
 //! - `pages`: the embedded pages and assets of §7 (types, ETag, gzip, CSP, 404s);
+//! - `cluster_directory`: accounts and API keys shared through Redis by several
+//!   nodes (signup, revoke, the bootstrap admin, tenants, Redis down);
 //! - `hardening_http`: issue 8's HTTP and account findings (lockout, signup limit,
 //!   forged alerts, errors on keep-alive connections, loose validation).
 
@@ -26,6 +28,7 @@ mod accounts;
 mod api_keys;
 mod auth;
 mod cluster;
+mod cluster_directory;
 mod cluster_nodes;
 mod durability;
 mod hardening_http;
