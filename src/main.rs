@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use agentcast::auth::{Authenticator, Claims};
-use agentcast::config::{
-    AdminCommand, Cli, Command, LogFormat, ResetPasswordArgs, ServeArgs, Settings,
+use agentcast::cli::{
+    AdminCommand, Cli, Command, LogFormat, ResetPasswordArgs, ServeArgs, TokenArgs,
 };
+use agentcast::config::Settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -34,7 +35,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
-    let settings = match Settings::from_args(args) {
+    let settings = match args.into_settings() {
         Ok(settings) => settings,
         Err(e) => {
             tracing::error!("invalid configuration: {e}");
@@ -67,7 +68,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn token(args: agentcast::config::TokenArgs) -> ExitCode {
+fn token(args: TokenArgs) -> ExitCode {
     let mut settings = Settings::for_tests(&args.data_dir);
     // Never a new secret here: the server would refuse what it signs.
     settings.jwt_secret = match agentcast::config::existing_secret(args.jwt_secret, &args.data_dir)
