@@ -142,7 +142,8 @@ pub struct ServeArgs {
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
-    /// Redis shared by several nodes (`redis://[user:password@]host:port[/db]`).
+    /// Redis shared by several nodes (`redis://[user:password@]host:port[/db]`,
+    /// or `rediss://…` for TLS).
     /// Set: logs, views, presence, accounts and API keys live there, and
     /// JWT_SECRET is required.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]

@@ -262,8 +262,10 @@ impl Settings {
         )?;
         if let Some(redis) = &self.redis {
             check(
-                redis.url.expose().starts_with("redis://"),
-                "REDIS_URL must start with redis://",
+                REDIS_SCHEMES
+                    .iter()
+                    .any(|scheme| redis.url.expose().starts_with(scheme)),
+                "REDIS_URL must start with redis:// or rediss:// (TLS)",
             )?;
             check(
                 !redis.prefix.is_empty()
@@ -325,6 +327,10 @@ pub fn node_secret(
 pub fn node_id_or_default(given: Option<String>) -> String {
     non_empty(given).unwrap_or_else(default_node_id)
 }
+
+/// The schemes `REDIS_URL` may use: plain TCP, or TLS (`rediss://`, the
+/// server's certificate checked against the system's CA certificates).
+pub const REDIS_SCHEMES: [&str; 2] = ["redis://", "rediss://"];
 
 /// Why a node with `REDIS_URL` refuses to start without `JWT_SECRET`.
 pub const REDIS_NEEDS_SECRET: &str =
@@ -490,6 +496,29 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_url_accepts_redis_and_rediss_only_and_never_echoes_it() {
+        let with_url = |url: &str| {
+            let mut settings = Settings::for_tests("/nonexistent");
+            settings.redis = Some(RedisSettings {
+                url: Secret::new(url),
+                prefix: "agentcast".to_owned(),
+            });
+            settings.validate()
+        };
+        assert!(with_url("redis://127.0.0.1:6379").is_ok());
+        assert!(with_url("rediss://default:hunter2hunter2@redis.example:6380/0").is_ok());
+        for bad in [
+            "http://:hunter2hunter2@redis.example",
+            "redis:/x",
+            "tls://x:6379",
+        ] {
+            let error = with_url(bad).expect_err(bad).to_string();
+            assert!(error.contains("rediss://"), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
+    }
 
     #[test]
     fn secret_is_generated_once_and_kept() {
