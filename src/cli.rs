@@ -2,10 +2,11 @@
 //! variable per server flag (clap `env`), so the same binary is configured the
 //! same way on a laptop, in Docker and on fly.io.
 //!
-//! This is the outermost layer, used by `main.rs` only: it maps the flags onto
-//! the validated [`crate::config`] types ([`ServeArgs::into_settings`]) and
-//! names the load tool's flags ([`crate::bench::BenchArgs`]); no other module
-//! imports it, so `config` stays a leaf the server's modules can all read.
+//! A module of the binary (not of the server's library), used by `main.rs`
+//! only: it maps the flags onto the validated `agentcast::config` types
+//! ([`ServeArgs::into_settings`]) and names the load tool's flags
+//! ([`crate::bench::BenchArgs`]); the library never sees clap structs, so
+//! `config` stays a leaf the server's modules can all read.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -13,11 +14,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::bench::BenchArgs;
-use crate::config::{
+use agentcast::config::{
     self, parse_bytes, parse_duration, parse_switch, AccountSettings, ConfigError, LogStoreKind,
     RedisSettings, Secret, Settings, StoreSync,
 };
+
+use crate::bench::BenchArgs;
 
 /// `agentcast`: real-time updates for an agent/task platform.
 #[derive(Debug, Parser)]
@@ -204,7 +206,7 @@ pub struct TokenArgs {
     pub sub: String,
     /// Role claim.
     #[arg(long, value_enum, default_value = "user")]
-    pub role: crate::auth::Role,
+    pub role: agentcast::auth::Role,
     /// Tenant claim.
     #[arg(long, default_value = "default")]
     pub tenant: String,
@@ -313,11 +315,11 @@ impl AccountArgs {
             signups_per_hour: self.signups_per_hour,
         };
         if let Some(password) = &settings.admin_password {
-            if crate::store::validate_password(password.expose()).is_err() {
+            if agentcast::store::validate_password(password.expose()).is_err() {
                 return Err(ConfigError::Invalid(format!(
                     "ADMIN_PASSWORD must be at least {} characters and at most {} bytes",
-                    crate::store::MIN_PASSWORD_CHARS,
-                    crate::store::MAX_PASSWORD_BYTES
+                    agentcast::store::MIN_PASSWORD_CHARS,
+                    agentcast::store::MAX_PASSWORD_BYTES
                 )));
             }
         }

@@ -1,8 +1,8 @@
 //! Validated settings and the rules that make them: [`Settings`] (the server),
 //! [`AccountSettings`] (its accounts), the JWT secret kept in the data folder.
 //!
-//! The flags themselves (clap, one environment variable each) live in
-//! [`crate::cli`], which maps them onto these types with the helpers here and
+//! The flags themselves (clap, one environment variable each) live in the
+//! binary's `cli` module (src/cli.rs), which maps them onto these types with the helpers here and
 //! calls [`Settings::validate`]. This module is a near leaf: it imports only
 //! [`crate::units`], so every other module may read settings without an import
 //! cycle. Nothing downstream re-reads the environment.
@@ -37,7 +37,7 @@ pub enum LogStoreKind {
     Memory,
 }
 
-/// Validated account flags (`crate::cli::AccountArgs`).
+/// Validated account flags (the binary's `cli::AccountArgs`).
 #[derive(Debug, Clone)]
 pub struct AccountSettings {
     pub admin_password: Option<Secret>,
@@ -66,7 +66,7 @@ impl AccountSettings {
     }
 
     /// Every rule but the admin password's, which belongs to the accounts
-    /// (`crate::cli` checks it with `crate::store::validate_password`).
+    /// (the binary's `cli` checks it with `crate::store::validate_password`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: &str| Err(ConfigError::Invalid(what.to_owned()));
         if self.token_ttl < Duration::from_secs(60)
@@ -323,7 +323,7 @@ pub fn node_secret(
     resolve_secret(given, data_dir)
 }
 
-/// `NODE_ID` if set, else [`default_node_id`].
+/// `NODE_ID` if set, else `default_node_id()` (FLY_MACHINE_ID, or the hostname plus a suffix).
 pub fn node_id_or_default(given: Option<String>) -> String {
     non_empty(given).unwrap_or_else(default_node_id)
 }

@@ -6,9 +6,9 @@
 //! `epoch` and history, and clients resume from it).
 //!
 //! # Layout
-//! - [`cli`]: the clap flags of every subcommand (environment variables too),
-//!   mapped onto [`config`]: the validated [`config::Settings`] and their rules
-//!   (a near leaf every module may import).
+//! - [`config`]: the validated [`config::Settings`] and their rules (a near
+//!   leaf every module may import); the binary's `cli` module maps the clap
+//!   flags and environment onto it.
 //! - [`app`]: binds the listener, builds the server, runs it, drains it.
 //! - [`routes`]: warp filters, one per endpoint; [`error`] maps every failure to
 //!   the JSON error body. `routes::pages` serves the pages of `static/`, embedded
@@ -26,8 +26,8 @@
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
 //! - [`store`]: the SQLite file — durable tenant logs (one writer thread, group
 //!   commit), the views of SPEC §5, accounts, API keys.
-//! - [`bench`]: the load tool (`agentcast bench`), a client of the server that
-//!   imports none of its modules (only the leaf [`units`]).
+//! - The load tool (`agentcast bench`) lives in the binary (`src/bench/`), not
+//!   here: a client of the server that uses none of its modules but [`units`].
 //! - [`units`]: durations, sizes and switches as flags spell them (a leaf).
 //!
 //! A message's path: `routes::publish` validates it and calls
@@ -45,8 +45,6 @@
 pub mod accounts;
 pub mod app;
 pub mod auth;
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod hub;

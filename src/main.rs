@@ -1,6 +1,13 @@
 //! The `agentcast` binary: parse flags, set up logging, run a subcommand.
+//!
+//! Its two own modules stay out of the server's library: [`cli`] (the clap
+//! flags, mapped onto `agentcast::config`) and [`bench`] (the load tool, a
+//! client that uses none of the server's modules but the leaf `units`).
 
 #![forbid(unsafe_code)]
+
+mod bench;
+mod cli;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -8,17 +15,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use agentcast::auth::{Authenticator, Claims};
-use agentcast::cli::{
-    AdminCommand, Cli, Command, LogFormat, ResetPasswordArgs, ServeArgs, TokenArgs,
-};
 use agentcast::config::Settings;
+use cli::{AdminCommand, Cli, Command, LogFormat, ResetPasswordArgs, ServeArgs, TokenArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(args)) => token(args),
         Some(Command::Admin(AdminCommand::ResetPassword(args))) => reset_password(args),
-        Some(Command::Bench(args)) => match agentcast::bench::main(args) {
+        Some(Command::Bench(args)) => match bench::main(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("agentcast bench: {e}");

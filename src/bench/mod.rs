@@ -50,10 +50,11 @@
 //! JWT_SECRET=… taskset -c 1 agentcast bench --scenario idle --conns 19000 --server-pid $!
 //! ```
 //!
-//! The tool is a client of the server, not a part of it: it imports none of
-//! the server's modules (its only `crate::` path is the leaf [`crate::units`],
-//! which parses its duration flags), so it measures the contract and cannot
-//! lean on internals; `agentcast bench` only calls [`main`].
+//! The tool is a client of the server, not a part of it: it is a module of the
+//! `agentcast` binary, not of the server's library, and uses none of the
+//! server's modules (its only `agentcast::` path is the leaf `units`, which
+//! parses its duration flags), so it measures the contract and cannot lean on
+//! internals; `agentcast bench` only calls [`main`].
 
 mod fleet;
 mod publisher;
@@ -100,7 +101,7 @@ pub struct BenchArgs {
 
     /// How long idle connections are held before measuring (idle, default 5s), or how
     /// long to publish (rate, default 10s).
-    #[arg(long, value_parser = crate::units::parse_duration)]
+    #[arg(long, value_parser = agentcast::units::parse_duration)]
     pub duration: Option<Duration>,
 
     /// Distinct users the connections belong to, round robin [default: one per
@@ -133,7 +134,7 @@ pub struct BenchArgs {
     pub tenant: Option<String>,
 
     /// Deliveries still missing after this long without progress are reported lost.
-    #[arg(long, default_value = "10s", value_parser = crate::units::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = agentcast::units::parse_duration)]
     pub timeout: Duration,
 
     /// Also print the figures as one JSON line (the last line of the output).
@@ -288,7 +289,7 @@ struct Identity {
 }
 
 /// The claims the server reads (SPEC §2), minted here rather than through
-/// `crate::auth` so the tool only depends on the wire contract.
+/// `agentcast::auth` so the tool only depends on the wire contract.
 #[derive(Serialize)]
 struct Claims<'a> {
     sub: &'a str,
