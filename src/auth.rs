@@ -21,7 +21,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Settings, EXTERNAL_NEEDS_ISS_AUD};
 use crate::directory::Directory;
 use crate::error::ApiError;
 use crate::store::{hash_api_key, looks_like_api_key};
@@ -287,10 +287,6 @@ pub fn bearer(authorization: Option<&str>) -> Option<&str> {
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
 }
-
-/// Why a start with `JWT_PUBLIC_KEY` but without issuer or audience fails.
-pub const EXTERNAL_NEEDS_ISS_AUD: &str =
-    "JWT_ISSUER and JWT_AUDIENCE are required when JWT_PUBLIC_KEY is set";
 
 fn validation(alg: Algorithm, leeway: u64) -> Validation {
     let mut rules = Validation::new(alg);

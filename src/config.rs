@@ -1,20 +1,21 @@
-//! Command line and environment -> validated [`Settings`].
+//! Validated settings and the rules that make them: [`Settings`] (the server),
+//! [`AccountSettings`] (its accounts), the JWT secret kept in the data folder.
 //!
-//! Every flag has an environment variable (clap `env`) so the same binary is
-//! configured the same way on a laptop, in Docker and on fly.io. Parsing ends in
-//! plain types; nothing downstream re-reads the environment.
+//! The flags themselves (clap, one environment variable each) live in the
+//! binary's `cli` module (src/cli.rs), which maps them onto these types with the helpers here and
+//! calls [`Settings::validate`]. This module is a near leaf: it imports only
+//! [`crate::units`], so every other module may read settings without an import
+//! cycle. Nothing downstream re-reads the environment.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use rand::distr::{Alphanumeric, SampleString};
+use warp::http::HeaderName;
 
 pub use crate::units::{parse_bytes, parse_duration, parse_switch};
-
-use crate::bench::BenchArgs;
-pub use crate::log::LogStoreKind;
 
 /// The `STORE_SYNC` setting: how hard a commit holds on to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -26,183 +27,17 @@ pub enum StoreSync {
     Normal,
 }
 
-/// `agentcast`: real-time updates for an agent/task platform.
-#[derive(Debug, Parser)]
-#[command(name = "agentcast", version, about, long_about = None)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-
-    /// Settings for `serve`, also accepted without the subcommand name.
-    #[command(flatten)]
-    pub serve: ServeArgs,
+/// The `LOG_STORE` setting: the engine of the tenant logs on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogStoreKind {
+    /// Durable: the SQLite file in DATA_DIR; 202 only after the commit.
+    #[default]
+    Sqlite,
+    /// In memory only: lost on restart (for comparison runs and tests).
+    Memory,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the server (the default).
-    Serve(Box<ServeArgs>),
-    /// Mint a token signed with the configured secret.
-    Token(TokenArgs),
-    /// Maintenance of the data folder (works while the server runs, too).
-    #[command(subcommand)]
-    Admin(AdminCommand),
-    /// Load tool: many authenticated connections, fan-out and latency figures.
-    Bench(BenchArgs),
-}
-
-/// Flags of `agentcast serve`.
-#[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "BIND", default_value = "0.0.0.0")]
-    pub bind: IpAddr,
-
-    /// Port to listen on (0 picks a free one).
-    #[arg(long, env = "PORT", default_value_t = 8080)]
-    pub port: u16,
-
-    /// Folder for state: the SQLite store agentcast.db and the generated JWT secret.
-    #[arg(long, env = "DATA_DIR", default_value = "./data")]
-    pub data_dir: PathBuf,
-
-    /// Where tenant logs live: sqlite (durable, 202 after commit) or memory (lost on restart).
-    #[arg(long, env = "LOG_STORE", value_enum, default_value = "sqlite")]
-    pub log_store: LogStoreKind,
-
-    /// When a commit reaches the disk: normal (the WAL fsynced every STORE_SYNC_INTERVAL:
-    /// a crash or kill -9 loses nothing acknowledged, a power cut at most the last interval)
-    /// or full (fsync every commit: survives power loss).
-    #[arg(long, env = "STORE_SYNC", value_enum, default_value = "normal")]
-    pub store_sync: StoreSync,
-
-    /// With STORE_SYNC=normal: how often the WAL is fsynced (at most 60s).
-    #[arg(long, env = "STORE_SYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    pub store_sync_interval: Duration,
-
-    /// HS256 secret for tokens. Unset: generated once and kept in DATA_DIR/jwt_secret.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-
-    /// PEM public key of an external identity provider whose RS256/ES256 tokens are accepted too.
-    #[arg(long, env = "JWT_PUBLIC_KEY", hide_env_values = true)]
-    pub jwt_public_key: Option<String>,
-
-    /// The `iss` external tokens must carry (required with JWT_PUBLIC_KEY).
-    #[arg(long, env = "JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-
-    /// The `aud` external tokens must carry (required with JWT_PUBLIC_KEY); our own
-    /// tokens that carry an `aud` must match it too.
-    #[arg(long, env = "JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-
-    #[command(flatten)]
-    pub accounts: AccountArgs,
-
-    /// Largest accepted publish body or client frame, in bytes.
-    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
-    pub max_message_bytes: usize,
-
-    /// Outbound queue per connection, in messages; overflow closes it with 4503.
-    #[arg(long, env = "SEND_QUEUE", default_value_t = 1024)]
-    pub send_queue: usize,
-
-    /// Messages kept per tenant for resume.
-    #[arg(long, env = "HISTORY_SIZE", default_value_t = 10_000)]
-    pub history_size: usize,
-
-    /// Bytes of messages kept per tenant for resume (a number, or with a unit:
-    /// 512KiB, 64MiB, 1GiB); with HISTORY_SIZE, whichever is reached first.
-    #[arg(long, env = "HISTORY_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
-    pub history_bytes: usize,
-
-    /// Period of server Ping frames (seconds, or with a unit: 30s, 2m).
-    #[arg(long, env = "PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
-    pub ping_interval: Duration,
-
-    /// A connection silent this long is closed with 4408.
-    #[arg(long, env = "IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-
-    /// Open WebSocket connections allowed in total (beyond: 4429).
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 100_000)]
-    pub max_connections: usize,
-
-    /// Open WebSocket connections allowed per user (beyond: 4429).
-    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 20)]
-    pub max_connections_per_user: usize,
-
-    /// Comma-separated origins allowed to connect; unset allows any.
-    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
-    pub allowed_origins: Option<Vec<String>>,
-
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
-    pub log_format: LogFormat,
-
-    /// How long a SIGTERM drain may take before the process exits anyway.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
-
-    /// Bearer token required by /metrics; unset leaves it open.
-    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
-    pub metrics_token: Option<String>,
-
-    /// Redis shared by several nodes (`redis://[user:password@]host:port[/db]`).
-    /// Set: logs, views, presence, accounts and API keys live there, and
-    /// JWT_SECRET is required.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-
-    /// Namespace of every Redis key, so deployments can share a Redis.
-    #[arg(long, env = "REDIS_PREFIX", default_value = "agentcast")]
-    pub redis_prefix: String,
-
-    /// This node's name in logs, stats and metrics (default: FLY_MACHINE_ID,
-    /// else the hostname plus a random suffix).
-    #[arg(long, env = "NODE_ID")]
-    pub node_id: Option<String>,
-}
-
-/// Flags of the embedded accounts: bootstrap admin, signup, login tokens.
-#[derive(Debug, Clone, Args)]
-pub struct AccountArgs {
-    /// Password of the `admin` account created on an empty store. Unset: a
-    /// random one is generated and printed once to the log.
-    #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true)]
-    pub admin_password: Option<String>,
-
-    /// Whether anyone may create a `user` account (POST /api/v1/auth/signup).
-    #[arg(long, env = "SIGNUP", default_value = "on", value_name = "on|off",
-          action = clap::ArgAction::Set, value_parser = parse_switch)]
-    pub signup: bool,
-
-    /// Lifetime of the tokens that login and refresh hand out.
-    #[arg(long, env = "TOKEN_TTL", default_value = "12h", value_parser = parse_duration)]
-    pub token_ttl: Duration,
-
-    /// Failed logins allowed per IP and per username-and-IP within LOGIN_WINDOW
-    /// (beyond: 429); a username failing from many addresses is only slowed.
-    #[arg(long, env = "LOGIN_MAX_FAILURES", default_value_t = 10)]
-    pub login_max_failures: u32,
-
-    /// The window failed logins are counted in.
-    #[arg(long, env = "LOGIN_WINDOW", default_value = "15m", value_parser = parse_duration)]
-    pub login_window: Duration,
-
-    /// Signups allowed per client IP per hour (beyond: 429 with Retry-After).
-    #[arg(long, env = "SIGNUPS_PER_HOUR", default_value_t = 5)]
-    pub signups_per_hour: u32,
-
-    /// Header holding the client IP set by a reverse proxy (e.g. Fly-Client-IP,
-    /// X-Forwarded-For). Only set it when every request comes through that
-    /// proxy: otherwise clients can forge it. Unset: the TCP peer address.
-    #[arg(long, env = "TRUSTED_PROXY_HEADER")]
-    pub trusted_proxy_header: Option<String>,
-}
-
-/// Validated [`AccountArgs`].
+/// Validated account flags (the binary's `cli::AccountArgs`).
 #[derive(Debug, Clone)]
 pub struct AccountSettings {
     pub admin_password: Option<Secret>,
@@ -216,28 +51,6 @@ pub struct AccountSettings {
 }
 
 impl AccountSettings {
-    pub fn from_args(args: AccountArgs) -> Result<AccountSettings, ConfigError> {
-        let trusted_proxy_header = match args.trusted_proxy_header.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(name) => Some(warp::http::HeaderName::try_from(name).map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "TRUSTED_PROXY_HEADER '{name}' is not a header name"
-                ))
-            })?),
-        };
-        let settings = AccountSettings {
-            admin_password: args.admin_password.filter(|p| !p.is_empty()).map(Secret),
-            signup: args.signup,
-            token_ttl: args.token_ttl,
-            login_max_failures: args.login_max_failures,
-            login_window: args.login_window,
-            signups_per_hour: args.signups_per_hour,
-            trusted_proxy_header,
-        };
-        settings.validate()?;
-        Ok(settings)
-    }
-
     /// Signup on, 12 h tokens, 10 failures in 15 minutes, 5 signups per IP an
     /// hour, no proxy header.
     pub fn for_tests() -> AccountSettings {
@@ -252,17 +65,10 @@ impl AccountSettings {
         }
     }
 
+    /// Every rule but the admin password's, which belongs to the accounts
+    /// (the binary's `cli` checks it with `crate::store::validate_password`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: &str| Err(ConfigError::Invalid(what.to_owned()));
-        if let Some(password) = &self.admin_password {
-            if crate::store::validate_password(password.expose()).is_err() {
-                return invalid(&format!(
-                    "ADMIN_PASSWORD must be at least {} characters and at most {} bytes",
-                    crate::store::MIN_PASSWORD_CHARS,
-                    crate::store::MAX_PASSWORD_BYTES
-                ));
-            }
-        }
         if self.token_ttl < Duration::from_secs(60)
             || self.token_ttl > Duration::from_secs(30 * 86_400)
         {
@@ -279,70 +85,6 @@ impl AccountSettings {
         }
         Ok(())
     }
-}
-
-/// Flags of `agentcast token`.
-#[derive(Debug, Clone, Args)]
-pub struct TokenArgs {
-    /// User id (`sub`).
-    #[arg(long)]
-    pub sub: String,
-    /// Role claim.
-    #[arg(long, value_enum, default_value = "user")]
-    pub role: crate::auth::Role,
-    /// Tenant claim.
-    #[arg(long, default_value = "default")]
-    pub tenant: String,
-    /// Display name claim.
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Lifetime (seconds, or with a unit: 12h).
-    #[arg(long, default_value = "12h", value_parser = parse_duration)]
-    pub ttl: Duration,
-    /// Folder holding the generated secret when JWT_SECRET is unset.
-    #[arg(long, env = "DATA_DIR", default_value = "./data")]
-    pub data_dir: PathBuf,
-    /// HS256 secret; unset reads DATA_DIR/jwt_secret.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-}
-
-/// `agentcast admin …`.
-#[derive(Debug, Subcommand)]
-pub enum AdminCommand {
-    /// Set a new password for an account: a random one printed once, or the
-    /// one read from stdin with --password-stdin.
-    ResetPassword(ResetPasswordArgs),
-}
-
-/// Flags of `agentcast admin reset-password`.
-#[derive(Debug, Clone, Args)]
-pub struct ResetPasswordArgs {
-    /// The account's username.
-    #[arg(long)]
-    pub username: String,
-    /// The account's tenant.
-    #[arg(long, default_value = "default")]
-    pub tenant: String,
-    /// Read the new password from the first line of stdin instead of
-    /// generating one (nothing is printed then).
-    #[arg(long)]
-    pub password_stdin: bool,
-    /// The server's data folder (holding agentcast.db).
-    #[arg(long, env = "DATA_DIR", default_value = "./data")]
-    pub data_dir: PathBuf,
-    /// Cluster mode: the account is in this Redis, not in the data folder.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-    /// The cluster's `REDIS_PREFIX`.
-    #[arg(long, env = "REDIS_PREFIX", default_value = "agentcast")]
-    pub redis_prefix: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Pretty,
-    Json,
 }
 
 /// A secret that never shows up in `Debug` output or logs.
@@ -428,61 +170,6 @@ pub enum ConfigError {
 }
 
 impl Settings {
-    /// Validates flags, creating the data folder and the JWT secret file if needed.
-    pub fn from_args(args: ServeArgs) -> Result<Settings, ConfigError> {
-        check_writable(&args.data_dir)?;
-        let redis_url = args.redis_url.filter(|u| !u.is_empty());
-        let given_secret = args.jwt_secret.filter(|s| !s.is_empty());
-        if redis_url.is_some() && given_secret.is_none() {
-            return Err(ConfigError::Invalid(REDIS_NEEDS_SECRET.to_owned()));
-        }
-        let jwt_secret = resolve_secret(given_secret, &args.data_dir)?;
-        let settings = Settings {
-            bind: args.bind,
-            port: args.port,
-            data_dir: args.data_dir,
-            log_store: args.log_store,
-            store_sync: args.store_sync,
-            store_sync_interval: args.store_sync_interval,
-            jwt_secret,
-            jwt_public_key: args.jwt_public_key,
-            jwt_issuer: args.jwt_issuer.filter(|v| !v.is_empty()),
-            jwt_audience: args.jwt_audience.filter(|v| !v.is_empty()),
-            jwt_leeway: Duration::from_secs(30),
-            accounts: AccountSettings::from_args(args.accounts)?,
-            max_message_bytes: args.max_message_bytes,
-            send_queue: args.send_queue,
-            history_size: args.history_size,
-            history_bytes: args.history_bytes,
-            ping_interval: args.ping_interval,
-            idle_timeout: args.idle_timeout,
-            max_connections: args.max_connections,
-            max_connections_per_user: args.max_connections_per_user,
-            client_frame_rate: 10.0,
-            client_frame_burst: 50.0,
-            allowed_origins: args.allowed_origins.map(|origins| {
-                origins
-                    .into_iter()
-                    .map(|o| o.trim().trim_end_matches('/').to_owned())
-                    .filter(|o| !o.is_empty())
-                    .collect()
-            }),
-            shutdown_timeout: args.shutdown_timeout,
-            metrics_token: args.metrics_token.filter(|t| !t.is_empty()).map(Secret),
-            redis: redis_url.map(|url| RedisSettings {
-                url: Secret(url),
-                prefix: args.redis_prefix,
-            }),
-            node_id: args
-                .node_id
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(default_node_id),
-            heartbeat: Duration::from_secs(25),
-        };
-        settings.validate()?;
-        Ok(settings)
-    }
-
     /// Defaults suited to tests: loopback, port 0, a fixed secret, no leeway.
     pub fn for_tests(data_dir: impl Into<PathBuf>) -> Settings {
         Settings {
@@ -532,7 +219,7 @@ impl Settings {
         check(
             self.jwt_public_key.is_none()
                 || (self.jwt_issuer.is_some() && self.jwt_audience.is_some()),
-            crate::auth::EXTERNAL_NEEDS_ISS_AUD,
+            EXTERNAL_NEEDS_ISS_AUD,
         )?;
         check(
             self.max_message_bytes >= 256,
@@ -575,8 +262,10 @@ impl Settings {
         )?;
         if let Some(redis) = &self.redis {
             check(
-                redis.url.expose().starts_with("redis://"),
-                "REDIS_URL must start with redis://",
+                REDIS_SCHEMES
+                    .iter()
+                    .any(|scheme| redis.url.expose().starts_with(scheme)),
+                "REDIS_URL must start with redis:// or rediss:// (TLS)",
             )?;
             check(
                 !redis.prefix.is_empty()
@@ -588,6 +277,60 @@ impl Settings {
         Ok(())
     }
 }
+
+/// Why a start with `JWT_PUBLIC_KEY` but without issuer or audience fails.
+pub const EXTERNAL_NEEDS_ISS_AUD: &str =
+    "JWT_ISSUER and JWT_AUDIENCE are required when JWT_PUBLIC_KEY is set";
+
+/// An unset or empty flag: absent (an empty environment variable unsets it).
+pub fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+/// `TRUSTED_PROXY_HEADER` as a (lowercase) header name; unset or blank: none.
+pub fn proxy_header(raw: Option<&str>) -> Result<Option<HeaderName>, ConfigError> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(name) => HeaderName::try_from(name).map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "TRUSTED_PROXY_HEADER '{name}' is not a header name"
+            ))
+        }),
+    }
+}
+
+/// `ALLOWED_ORIGINS` entries trimmed, without a trailing `/`, empty ones dropped.
+pub fn normalize_origins(origins: Vec<String>) -> Vec<String> {
+    origins
+        .into_iter()
+        .map(|o| o.trim().trim_end_matches('/').to_owned())
+        .filter(|o| !o.is_empty())
+        .collect()
+}
+
+/// The secret a node signs with: the given one, else the one kept in the data
+/// folder ([`resolve_secret`]); with `REDIS_URL` a given one is required
+/// ([`REDIS_NEEDS_SECRET`]).
+pub fn node_secret(
+    given: Option<String>,
+    clustered: bool,
+    data_dir: &Path,
+) -> Result<Secret, ConfigError> {
+    let given = non_empty(given);
+    if clustered && given.is_none() {
+        return Err(ConfigError::Invalid(REDIS_NEEDS_SECRET.to_owned()));
+    }
+    resolve_secret(given, data_dir)
+}
+
+/// `NODE_ID` if set, else `default_node_id()` (FLY_MACHINE_ID, or the hostname plus a suffix).
+pub fn node_id_or_default(given: Option<String>) -> String {
+    non_empty(given).unwrap_or_else(default_node_id)
+}
+
+/// The schemes `REDIS_URL` may use: plain TCP, or TLS (`rediss://`, the
+/// server's certificate checked against the system's CA certificates).
+pub const REDIS_SCHEMES: [&str; 2] = ["redis://", "rediss://"];
 
 /// Why a node with `REDIS_URL` refuses to start without `JWT_SECRET`.
 pub const REDIS_NEEDS_SECRET: &str =
@@ -651,7 +394,7 @@ pub fn resolve_secret(given: Option<String>, data_dir: &Path) -> Result<Secret, 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(data_err(e)),
     }
-    let secret = crate::auth::random_token(48);
+    let secret = Alphanumeric.sample_string(&mut rand::rng(), 48);
     write_private(&path, &secret).map_err(data_err)?;
     Ok(Secret(secret))
 }
@@ -755,71 +498,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_store_and_store_sync_default_to_durable_and_parse() {
-        // The defaults, unless the environment running the test sets them.
-        if std::env::var_os("LOG_STORE").is_none() && std::env::var_os("STORE_SYNC").is_none() {
-            let cli = Cli::try_parse_from(["agentcast"]).unwrap();
-            assert_eq!(
-                (
-                    cli.serve.log_store,
-                    cli.serve.store_sync,
-                    cli.serve.store_sync_interval
-                ),
-                (
-                    LogStoreKind::Sqlite,
-                    StoreSync::Normal,
-                    Duration::from_secs(1)
-                )
-            );
+    fn redis_url_accepts_redis_and_rediss_only_and_never_echoes_it() {
+        let with_url = |url: &str| {
+            let mut settings = Settings::for_tests("/nonexistent");
+            settings.redis = Some(RedisSettings {
+                url: Secret::new(url),
+                prefix: "agentcast".to_owned(),
+            });
+            settings.validate()
+        };
+        assert!(with_url("redis://127.0.0.1:6379").is_ok());
+        assert!(with_url("rediss://default:hunter2hunter2@redis.example:6380/0").is_ok());
+        for bad in [
+            "http://:hunter2hunter2@redis.example",
+            "redis:/x",
+            "tls://x:6379",
+        ] {
+            let error = with_url(bad).expect_err(bad).to_string();
+            assert!(error.contains("rediss://"), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
         }
-        let cli = Cli::try_parse_from([
-            "agentcast",
-            "serve",
-            "--log-store",
-            "memory",
-            "--store-sync",
-            "full",
-        ])
-        .unwrap();
-        let Some(Command::Serve(args)) = cli.command else {
-            panic!("serve subcommand");
-        };
-        assert_eq!(
-            (args.log_store, args.store_sync),
-            (LogStoreKind::Memory, StoreSync::Full)
-        );
-        assert!(Cli::try_parse_from(["agentcast", "--log-store", "redis"]).is_err());
-    }
-
-    #[test]
-    fn account_flags_parse_and_are_checked() {
-        let parse = |args: &[&str]| {
-            let mut argv = vec!["agentcast"];
-            argv.extend_from_slice(args);
-            Cli::try_parse_from(argv).map(|cli| cli.serve.accounts)
-        };
-        let defaults = parse(&[]).unwrap();
-        assert!(defaults.signup);
-        assert_eq!(defaults.token_ttl, Duration::from_secs(12 * 3600));
-        assert_eq!(defaults.login_max_failures, 10);
-        assert_eq!(defaults.login_window, Duration::from_secs(900));
-        assert_eq!(defaults.signups_per_hour, 5);
-        assert!(!parse(&["--signup", "off"]).unwrap().signup);
-        assert!(parse(&["--signup", "on"]).unwrap().signup);
-        assert!(parse(&["--signup", "maybe"]).is_err());
-
-        let settings = |args: &[&str]| AccountSettings::from_args(parse(args).unwrap());
-        assert!(settings(&["--admin-password", "short"]).is_err());
-        assert!(settings(&["--token-ttl", "10s"]).is_err());
-        assert!(settings(&["--login-max-failures", "0"]).is_err());
-        assert!(settings(&["--trusted-proxy-header", "bad header"]).is_err());
-        let proxied = settings(&["--trusted-proxy-header", "Fly-Client-IP"]).unwrap();
-        assert_eq!(
-            proxied.trusted_proxy_header.as_ref().map(|h| h.as_str()),
-            Some("fly-client-ip")
-        );
-        let admin = settings(&["--admin-password", "correct horse"]).unwrap();
-        assert!(!format!("{admin:?}").contains("correct horse"));
     }
 
     #[test]

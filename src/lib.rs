@@ -6,7 +6,9 @@
 //! `epoch` and history, and clients resume from it).
 //!
 //! # Layout
-//! - [`config`]: flags and environment -> validated [`config::Settings`].
+//! - [`config`]: the validated [`config::Settings`] and their rules (a near
+//!   leaf every module may import); the binary's `cli` module maps the clap
+//!   flags and environment onto it.
 //! - [`app`]: binds the listener, builds the server, runs it, drains it.
 //! - [`routes`]: warp filters, one per endpoint; [`error`] maps every failure to
 //!   the JSON error body. `routes::pages` serves the pages of `static/`, embedded
@@ -26,7 +28,8 @@
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
 //! - [`store`]: the SQLite file — durable tenant logs (one writer thread, group
 //!   commit), the views of SPEC §5, accounts, API keys.
-//! - [`bench`]: the load tool (`agentcast bench`), a client of the server.
+//! - The load tool (`agentcast bench`) lives in the binary (`src/bench/`), not
+//!   here: a client of the server that uses none of its modules but [`units`].
 //! - [`units`]: durations, sizes and switches as flags spell them (a leaf).
 //! - [`views`]: where the task and agent lists are read (the store, or Redis).
 //!
@@ -45,7 +48,6 @@
 pub mod accounts;
 pub mod app;
 pub mod auth;
-pub mod bench;
 pub mod config;
 pub mod directory;
 pub mod error;

@@ -1,6 +1,13 @@
 //! The `agentcast` binary: parse flags, set up logging, run a subcommand.
+//!
+//! Its two own modules stay out of the server's library: [`cli`] (the clap
+//! flags, mapped onto `agentcast::config`) and [`bench`] (the load tool, a
+//! client that uses none of the server's modules but the leaf `units`).
 
 #![forbid(unsafe_code)]
+
+mod bench;
+mod cli;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -8,16 +15,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use agentcast::auth::{Authenticator, Claims};
-use agentcast::config::{
-    AdminCommand, Cli, Command, LogFormat, ResetPasswordArgs, ServeArgs, Settings,
-};
+use agentcast::config::Settings;
+use cli::{AdminCommand, Cli, Command, LogFormat, ResetPasswordArgs, ServeArgs, TokenArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(args)) => token(args),
         Some(Command::Admin(AdminCommand::ResetPassword(args))) => reset_password(args),
-        Some(Command::Bench(args)) => match agentcast::bench::main(args) {
+        Some(Command::Bench(args)) => match bench::main(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("agentcast bench: {e}");
@@ -34,7 +40,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
-    let settings = match Settings::from_args(args) {
+    let settings = match args.into_settings() {
         Ok(settings) => settings,
         Err(e) => {
             tracing::error!("invalid configuration: {e}");
@@ -67,7 +73,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn token(args: agentcast::config::TokenArgs) -> ExitCode {
+fn token(args: TokenArgs) -> ExitCode {
     let mut settings = Settings::for_tests(&args.data_dir);
     // Never a new secret here: the server would refuse what it signs.
     settings.jwt_secret = match agentcast::config::existing_secret(args.jwt_secret, &args.data_dir)

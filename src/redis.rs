@@ -65,6 +65,16 @@ impl From<redis::RedisError> for RedisError {
     }
 }
 
+/// Makes ring the process's rustls provider, once: redis-rs builds the TLS
+/// config of a `rediss://` URL with the process default and panics without
+/// one. A provider installed before (by us or a library) is kept.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Clone-able handle to the shared Redis.
 #[derive(Clone)]
 pub struct Redis {
@@ -87,6 +97,7 @@ impl std::fmt::Debug for Redis {
 impl Redis {
     /// Connects the command connection (it reconnects by itself afterwards).
     pub async fn connect(settings: &RedisSettings, node: &str) -> Result<Redis, RedisError> {
+        install_tls_provider();
         let client = Client::open(settings.url.expose())
             .map_err(|e| RedisError(format!("REDIS_URL is not usable: {:?}", e.kind())))?;
         let config = ConnectionManagerConfig::new()
@@ -261,5 +272,36 @@ pub mod presence_field {
     /// Tenant names hold no `:`, so the user id after the second one is whole.
     pub fn user(tenant: &str, user: &str) -> String {
         format!("u:{tenant}:{user}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    /// A `rediss://` URL takes redis-rs's TLS path (which panics without a
+    /// rustls provider); a peer that is no TLS server is a plain error that
+    /// does not repeat the URL's password.
+    #[tokio::test]
+    async fn a_rediss_url_connects_over_tls_and_fails_cleanly_without_a_tls_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let peer = tokio::spawn(async move {
+            // Accept and hang up: no TLS handshake is ever answered.
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let settings = RedisSettings {
+            url: Secret::new(format!("rediss://:hunter2hunter2@localhost:{port}/0")),
+            prefix: "agentcast".to_owned(),
+        };
+        let error = Redis::connect(&settings, "test")
+            .await
+            .expect_err("no TLS server there");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+        peer.abort();
     }
 }

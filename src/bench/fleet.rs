@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{Clock, Endpoint, Identity};
+use super::{round_robin, Clock, Endpoint, Identity};
 
 /// Longest a connection may take from TCP connect to its `connected` frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +44,8 @@ pub struct Progress {
     pub received: AtomicU64,
     /// Connections open now, per user index: what a publish addresses.
     alive: Vec<AtomicU32>,
+    /// Connections that received their `connected` frame, per node index.
+    connected_by_node: Vec<AtomicUsize>,
     /// Why connections failed to open, with counts. Only failure paths lock it.
     failures: Mutex<BTreeMap<String, usize>>,
     /// Why open connections ended early, with counts.
@@ -51,9 +53,10 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn new(users: usize) -> Progress {
+    fn new(users: usize, nodes: usize) -> Progress {
         Progress {
             connected: AtomicUsize::new(0),
+            connected_by_node: (0..nodes).map(|_| AtomicUsize::new(0)).collect(),
             failed: AtomicUsize::new(0),
             dropped: AtomicUsize::new(0),
             received: AtomicU64::new(0),
@@ -76,6 +79,14 @@ impl Progress {
         self.alive
             .iter()
             .map(|n| u64::from(n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Connections that opened, per node index.
+    pub fn connected_by_node(&self) -> Vec<u64> {
+        self.connected_by_node
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed) as u64)
             .collect()
     }
 
@@ -119,6 +130,8 @@ fn by_count(map: &Mutex<BTreeMap<String, usize>>) -> Vec<(String, usize)> {
 pub struct ConnReport {
     /// Index into the identities: who this connection is.
     pub user: usize,
+    /// Index into the nodes (`--url`s): where it is connected.
+    pub node: usize,
     pub connected: bool,
     /// When the server closed it (or it broke), on the run's clock.
     pub dropped_ns: Option<u64>,
@@ -266,20 +279,23 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Opens `conns` connections, connection `i` as `identities[i % len]`, with at
-    /// most `concurrency` handshakes in flight. Returns when every connection has
-    /// received its `connected` frame or failed.
+    /// Opens `conns` connections, connection `i` as `identities[i % len]` to
+    /// `nodes[i % len]`, with at most `concurrency` handshakes in flight. Returns
+    /// when every connection has received its `connected` frame or failed.
     pub async fn open(
-        endpoint: Arc<Endpoint>,
+        nodes: &[Arc<Endpoint>],
         identities: &[Identity],
         conns: usize,
         concurrency: usize,
         clock: Clock,
     ) -> Fleet {
         let concurrency = concurrency.clamp(1, Semaphore::MAX_PERMITS);
-        let progress = Arc::new(Progress::new(identities.len()));
+        let progress = Arc::new(Progress::new(identities.len(), nodes.len()));
         let stop = CancellationToken::new();
-        let url: Arc<str> = format!("ws://{}/api/v1/ws/connect", endpoint.authority).into();
+        let urls: Vec<Arc<str>> = nodes
+            .iter()
+            .map(|node| format!("ws://{}/api/v1/ws/connect", node.authority).into())
+            .collect();
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut tasks = Vec::with_capacity(conns);
         for i in 0..conns {
@@ -289,12 +305,14 @@ impl Fleet {
                 .await
                 .expect("the semaphore is never closed");
             let user = i % identities.len();
+            let node = round_robin(i as u64, nodes.len());
             let conn = Connection {
                 index: i,
                 user,
+                node,
                 identity: identities[user].clone(),
-                endpoint: endpoint.clone(),
-                url: url.clone(),
+                endpoint: nodes[node].clone(),
+                url: urls[node].clone(),
                 progress: progress.clone(),
                 clock,
             };
@@ -328,6 +346,7 @@ impl Fleet {
 struct Connection {
     index: usize,
     user: usize,
+    node: usize,
     identity: Identity,
     endpoint: Arc<Endpoint>,
     url: Arc<str>,
@@ -339,6 +358,7 @@ impl Connection {
     async fn run(self, permit: OwnedSemaphorePermit, stop: CancellationToken) -> ConnReport {
         let mut report = ConnReport {
             user: self.user,
+            node: self.node,
             ..ConnReport::default()
         };
         let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()).await;
@@ -359,6 +379,7 @@ impl Connection {
         report.connected = true;
         self.progress.alive[self.user].fetch_add(1, Ordering::Relaxed);
         self.progress.connected.fetch_add(1, Ordering::Relaxed);
+        self.progress.connected_by_node[self.node].fetch_add(1, Ordering::Relaxed);
         drop(permit);
 
         let stopped = stop.cancelled();
@@ -500,7 +521,7 @@ mod tests {
 
     fn observe(report: &mut ConnReport, text: &str, user: &str) {
         let clock = Clock(std::time::Instant::now());
-        report.observe(text, user, clock, &Progress::new(1));
+        report.observe(text, user, clock, &Progress::new(1, 1));
     }
 
     #[test]

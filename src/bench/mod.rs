@@ -30,6 +30,12 @@
 //! minus what arrived, per connection. Server RSS and CPU come from
 //! `/proc/<pid>/status` and `/proc/<pid>/stat` when `--server-pid` is given.
 //!
+//! Several `--url`s (the nodes of a cluster): connection `i` goes to node
+//! `i mod n` and so does message `i` (or every message to `--publish-url`);
+//! the report adds per-node figures (connections, deliveries, lost, latency of
+//! what arrived on that node) to the end-to-end ones, which stay as with one
+//! node, and the stats cross-check adds up every node's counters.
+//!
 //! Every wait is bounded: a phase that stops making progress ends and reports
 //! what is missing instead of hanging. The exit status is non-zero when a
 //! message was lost, misrouted or duplicated, so scripts need not parse output.
@@ -44,10 +50,11 @@
 //! JWT_SECRET=… taskset -c 1 agentcast bench --scenario idle --conns 19000 --server-pid $!
 //! ```
 //!
-//! The tool is a client of the server, not a part of it: it imports none of
-//! the server's modules (its only `crate::` path is the leaf [`crate::units`],
-//! which parses its duration flags), so it measures the contract and cannot
-//! lean on internals; `agentcast bench` only calls [`main`].
+//! The tool is a client of the server, not a part of it: it is a module of the
+//! `agentcast` binary, not of the server's library, and uses none of the
+//! server's modules (its only `agentcast::` path is the leaf `units`, which
+//! parses its duration flags), so it measures the contract and cannot lean on
+//! internals; `agentcast bench` only calls [`main`].
 
 mod fleet;
 mod publisher;
@@ -70,9 +77,15 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "fanout")]
     pub scenario: Scenario,
 
-    /// Server address (http://host:port); the WebSocket uses the same one.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// Server address (http://host:port); the WebSocket uses the same one. Several
+    /// nodes of a cluster: repeat the flag or separate them with commas; connections
+    /// go round robin over them, and so do publishes unless --publish-url is given.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    pub url: Vec<String>,
+
+    /// Publish on this node only (http://host:port) instead of round robin over --url.
+    #[arg(long)]
+    pub publish_url: Option<String>,
 
     /// WebSocket connections to open [default: idle 19000, fanout 10000, rate 1000, to-user 2000, publish 1].
     #[arg(long)]
@@ -88,7 +101,7 @@ pub struct BenchArgs {
 
     /// How long idle connections are held before measuring (idle, default 5s), or how
     /// long to publish (rate, default 10s).
-    #[arg(long, value_parser = crate::units::parse_duration)]
+    #[arg(long, value_parser = agentcast::units::parse_duration)]
     pub duration: Option<Duration>,
 
     /// Distinct users the connections belong to, round robin [default: one per
@@ -121,7 +134,7 @@ pub struct BenchArgs {
     pub tenant: Option<String>,
 
     /// Deliveries still missing after this long without progress are reported lost.
-    #[arg(long, default_value = "10s", value_parser = crate::units::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = agentcast::units::parse_duration)]
     pub timeout: Duration,
 
     /// Also print the figures as one JSON line (the last line of the output).
@@ -178,6 +191,47 @@ struct Endpoint {
     addr: SocketAddr,
     /// `host:port` as given, for the `Host` header and the WebSocket URL.
     authority: String,
+    /// The URL as given, for the report.
+    url: String,
+}
+
+/// The nodes of a run: connections go round robin over `connect`, publishes
+/// over `publish` (all of `connect`, or the one `--publish-url`).
+#[derive(Debug)]
+struct Nodes {
+    connect: Vec<Arc<Endpoint>>,
+    publish: Vec<Arc<Endpoint>>,
+}
+
+impl Nodes {
+    fn parse(urls: &[String], publish_url: Option<&str>) -> Result<Nodes, String> {
+        let connect = urls
+            .iter()
+            .map(|url| url.trim())
+            .filter(|url| !url.is_empty())
+            .map(|url| Endpoint::parse(url).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        if connect.is_empty() {
+            return Err("--url names no server".into());
+        }
+        let publish = match publish_url.map(str::trim).filter(|url| !url.is_empty()) {
+            Some(url) => vec![Arc::new(Endpoint::parse(url)?)],
+            None => connect.clone(),
+        };
+        Ok(Nodes { connect, publish })
+    }
+
+    /// The URLs connections go to, for messages.
+    fn describe(&self) -> String {
+        let urls: Vec<&str> = self.connect.iter().map(|e| e.url.as_str()).collect();
+        urls.join(", ")
+    }
+}
+
+/// Which of `nodes` item `i` (a connection, a message) goes to: round robin.
+fn round_robin(i: u64, nodes: usize) -> usize {
+    let nodes = u64::try_from(nodes.max(1)).unwrap_or(u64::MAX);
+    usize::try_from(i % nodes).unwrap_or(0)
 }
 
 impl Endpoint {
@@ -211,6 +265,7 @@ impl Endpoint {
         Ok(Endpoint {
             addr,
             authority: format!("{host}:{port}"),
+            url: url.to_owned(),
         })
     }
 }
@@ -234,7 +289,7 @@ struct Identity {
 }
 
 /// The claims the server reads (SPEC §2), minted here rather than through
-/// `crate::auth` so the tool only depends on the wire contract.
+/// `agentcast::auth` so the tool only depends on the wire contract.
 #[derive(Serialize)]
 struct Claims<'a> {
     sub: &'a str,
@@ -308,6 +363,60 @@ mod tests {
         assert_eq!(endpoint.authority, "127.0.0.1:18080");
         assert!(Endpoint::parse("https://127.0.0.1:8443").is_err());
         assert!(Endpoint::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn several_urls_are_spread_round_robin_and_publish_url_picks_one() {
+        let urls = [
+            "http://127.0.0.1:8081".to_owned(),
+            " http://127.0.0.1:8082 ".to_owned(),
+            String::new(),
+            "http://127.0.0.1:8083".to_owned(),
+        ];
+        let nodes = Nodes::parse(&urls, None).unwrap();
+        let ports: Vec<u16> = nodes.connect.iter().map(|e| e.addr.port()).collect();
+        assert_eq!(ports, [8081, 8082, 8083]);
+        assert_eq!(nodes.publish.len(), 3);
+        assert_eq!(
+            nodes.describe(),
+            "http://127.0.0.1:8081, http://127.0.0.1:8082, http://127.0.0.1:8083"
+        );
+        let mut per_node = [0; 3];
+        for i in 0..10 {
+            per_node[round_robin(i, 3)] += 1;
+        }
+        assert_eq!(per_node, [4, 3, 3]);
+        assert_eq!(round_robin(7, 1), 0);
+
+        let one = Nodes::parse(&urls, Some("http://127.0.0.1:8082")).unwrap();
+        assert_eq!(one.connect.len(), 3);
+        let publish: Vec<u16> = one.publish.iter().map(|e| e.addr.port()).collect();
+        assert_eq!(publish, [8082]);
+        assert!(Nodes::parse(&[String::new()], None).is_err());
+        assert!(Nodes::parse(&urls, Some("https://x:1")).is_err());
+    }
+
+    #[test]
+    fn the_url_flag_takes_commas_and_repeats_and_keeps_its_default() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let urls = |argv: &[&str]| Cli::try_parse_from(argv).unwrap().bench.url;
+        assert_eq!(urls(&["bench"]), ["http://127.0.0.1:8080"]);
+        assert_eq!(urls(&["bench", "--url", "http://a:1"]), ["http://a:1"]);
+        assert_eq!(
+            urls(&[
+                "bench",
+                "--url",
+                "http://a:1,http://b:2",
+                "--url",
+                "http://c:3"
+            ]),
+            ["http://a:1", "http://b:2", "http://c:3"]
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-use super::{Clock, Endpoint};
+use super::{round_robin, Clock, Endpoint};
 
 /// Longest one request may take before it counts as failed and its connection is replaced.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,6 +143,8 @@ pub struct PublishReport {
     pub recipients: u64,
     /// Accepted messages per user index (user-addressed plans only).
     pub per_user: Vec<u64>,
+    /// Accepted messages per publish node (index into the nodes published on).
+    pub per_node: Vec<u64>,
     /// First send and last answer, on the run's clock.
     pub first_send_ns: u64,
     pub last_done_ns: u64,
@@ -163,12 +165,8 @@ impl PublishReport {
             *self.errors.entry(why).or_default() += n;
         }
         self.recipients += other.recipients;
-        if self.per_user.len() < other.per_user.len() {
-            self.per_user.resize(other.per_user.len(), 0);
-        }
-        for (mine, theirs) in self.per_user.iter_mut().zip(other.per_user) {
-            *mine += theirs;
-        }
+        add_counts(&mut self.per_user, other.per_user);
+        add_counts(&mut self.per_node, other.per_node);
         if other.first_send_ns != 0 {
             self.first_send_ns = match self.first_send_ns {
                 0 => other.first_send_ns,
@@ -181,6 +179,16 @@ impl PublishReport {
     }
 }
 
+/// Adds `theirs` to `mine` index by index, growing `mine` as needed.
+fn add_counts(mine: &mut Vec<u64>, theirs: Vec<u64>) {
+    if mine.len() < theirs.len() {
+        mine.resize(theirs.len(), 0);
+    }
+    for (mine, theirs) in mine.iter_mut().zip(theirs) {
+        *mine += theirs;
+    }
+}
+
 /// The 202 answer of a publish.
 #[derive(Deserialize)]
 struct Accepted {
@@ -188,29 +196,34 @@ struct Accepted {
     recipients: u64,
 }
 
-/// Publishes the plan with `plan.in_flight` POSTs at a time and returns when
-/// every message has been answered (or has failed).
+/// Publishes the plan with `plan.in_flight` POSTs at a time, message `i` on
+/// `nodes[i % len]`, and returns when every message has been answered (or has
+/// failed).
 pub async fn publish(
-    endpoint: Arc<Endpoint>,
+    nodes: Vec<Arc<Endpoint>>,
     admin_token: Arc<str>,
     plan: Plan,
     clock: Clock,
 ) -> Result<PublishReport, String> {
-    // Connect every slot first: the timing below is for publishing only.
+    // Connect every slot to every node first: the timing below is for publishing only.
     let mut clients = Vec::with_capacity(plan.in_flight.max(1));
     for _ in 0..plan.in_flight.max(1) {
-        let mut client = HttpClient::new(endpoint.clone());
-        client.connect().await?;
-        clients.push(client);
+        let mut per_node = Vec::with_capacity(nodes.len());
+        for node in &nodes {
+            let mut client = HttpClient::new(node.clone());
+            client.connect().await?;
+            per_node.push(client);
+        }
+        clients.push(per_node);
     }
     let next = Arc::new(AtomicU64::new(0));
     let start = tokio::time::Instant::now();
     let plan = Arc::new(plan);
     let slots: Vec<_> = clients
         .into_iter()
-        .map(|client| {
+        .map(|clients| {
             let slot = Slot {
-                client,
+                clients,
                 plan: plan.clone(),
                 token: admin_token.clone(),
                 next: next.clone(),
@@ -230,7 +243,8 @@ pub async fn publish(
 }
 
 struct Slot {
-    client: HttpClient,
+    /// One keep-alive connection per node.
+    clients: Vec<HttpClient>,
     plan: Arc<Plan>,
     token: Arc<str>,
     /// The next message index, shared by all slots: whichever is free takes it.
@@ -240,7 +254,10 @@ struct Slot {
 
 impl Slot {
     async fn run(mut self, start: tokio::time::Instant) -> PublishReport {
-        let mut report = PublishReport::default();
+        let mut report = PublishReport {
+            per_node: vec![0; self.clients.len()],
+            ..PublishReport::default()
+        };
         if let Address::Users(users) = &self.plan.address {
             report.per_user = vec![0; users.len()];
         }
@@ -277,8 +294,8 @@ impl Slot {
                 }
                 _ => format!(r#"{{"type":"bench","data":{{"t":{sent},"i":{i}}}}}"#),
             };
-            let answer = self
-                .client
+            let node = round_robin(i, self.clients.len());
+            let answer = self.clients[node]
                 .request(Method::POST, &path, Some(&self.token), Some(body.into()))
                 .await;
             let done = self.clock.now_ns();
@@ -287,6 +304,7 @@ impl Slot {
             match answer {
                 Ok((StatusCode::ACCEPTED, body)) => {
                     report.accepted += 1;
+                    report.per_node[node] += 1;
                     if let Ok(accepted) = serde_json::from_slice::<Accepted>(&body) {
                         report.recipients += accepted.recipients;
                     }
@@ -321,6 +339,7 @@ mod tests {
             first_send_ns: 50,
             last_done_ns: 90,
             per_user: vec![1, 1],
+            per_node: vec![2],
             ..Default::default()
         };
         a.errors.insert("HTTP 503: down".into(), 1);
@@ -329,6 +348,7 @@ mod tests {
             first_send_ns: 40,
             last_done_ns: 70,
             per_user: vec![2, 1],
+            per_node: vec![1, 2],
             ..Default::default()
         };
         b.errors.insert("HTTP 503: down".into(), 2);
@@ -337,6 +357,7 @@ mod tests {
         assert_eq!(total.accepted, 5);
         assert_eq!(total.failed(), 3);
         assert_eq!(total.per_user, vec![3, 2]);
+        assert_eq!(total.per_node, vec![3, 2]);
         assert_eq!((total.first_send_ns, total.last_done_ns), (40, 90));
     }
 }

@@ -8,7 +8,7 @@ use super::fleet::{ConnReport, Fleet};
 use super::publisher::{self, Address, HttpClient, Plan, PublishReport};
 use super::report::{bytes, count, duration, ms, per_second, round3, Spread, Summary};
 use super::server::{self, ProcProbe, ServerStats};
-use super::{load_secret, BenchArgs, Clock, Endpoint, Identity, Minter, Scenario};
+use super::{load_secret, BenchArgs, Clock, Identity, Minter, Nodes, Scenario};
 
 /// How often the runner looks at the counters while it waits.
 const POLL: Duration = Duration::from_millis(10);
@@ -24,8 +24,8 @@ const CLIENT_BUSY_PERCENT: f64 = 90.0;
 /// A run, fully resolved from the flags.
 pub struct Bench {
     scenario: Scenario,
-    url: String,
-    endpoint: Arc<Endpoint>,
+    /// Where connections and publishes go.
+    nodes: Nodes,
     clock: Clock,
     tenant: String,
     /// One per user; connection `i` logs in as `identities[i % len]`.
@@ -33,8 +33,8 @@ pub struct Bench {
     admin_token: Arc<str>,
     server: ProcProbe,
     own: ProcProbe,
-    /// For the stats endpoint.
-    http: HttpClient,
+    /// For the stats endpoint, one per connection node.
+    http: Vec<HttpClient>,
     conns: usize,
     messages: u64,
     rate: f64,
@@ -53,7 +53,7 @@ impl Bench {
     pub fn prepare(args: BenchArgs, open_files: u64) -> Result<Bench, String> {
         let clock = Clock(Instant::now());
         let scenario = args.scenario;
-        let endpoint = Arc::new(Endpoint::parse(&args.url)?);
+        let nodes = Nodes::parse(&args.url, args.publish_url.as_deref())?;
         let conns = args.conns.unwrap_or(match scenario {
             Scenario::Idle => 19_000,
             Scenario::Fanout => 10_000,
@@ -87,7 +87,7 @@ impl Bench {
             );
         }
         // Every connection is a descriptor here, plus publishers and the runtime's own.
-        let needed = (conns + args.in_flight + 64) as u64;
+        let needed = (conns + args.in_flight * nodes.publish.len() + 64) as u64;
         if needed > open_files {
             return Err(format!(
                 "{conns} connections need about {needed} open files but the limit is {open_files}: \
@@ -139,9 +139,12 @@ impl Bench {
 
         Ok(Bench {
             scenario,
-            url: args.url,
-            http: HttpClient::new(endpoint.clone()),
-            endpoint,
+            http: nodes
+                .connect
+                .iter()
+                .map(|node| HttpClient::new(node.clone()))
+                .collect(),
+            nodes,
             clock,
             tenant,
             identities,
@@ -162,14 +165,15 @@ impl Bench {
     }
 
     pub async fn run(mut self) -> Result<(), String> {
-        self.http
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the server at {}: {e}", self.url))?;
+        for (http, node) in self.http.iter_mut().zip(&self.nodes.connect) {
+            http.connect()
+                .await
+                .map_err(|e| format!("cannot reach the server at {}: {e}", node.url))?;
+        }
         eprintln!(
             "agentcast bench: {} against {}, tenant {}",
             self.scenario.name(),
-            self.url,
+            self.nodes.describe(),
             self.tenant
         );
         let stats = server::stats(&mut self.http).await;
@@ -308,7 +312,7 @@ impl Bench {
             ),
         }
         let publishing = tokio::spawn(publisher::publish(
-            self.endpoint.clone(),
+            self.nodes.publish.clone(),
             self.admin_token.clone(),
             plan.clone(),
             self.clock,
@@ -355,7 +359,11 @@ impl Bench {
         }
         self.list_drops(&fleet);
         let reports = fleet.close().await;
-        let tally = Tally::of(reports, &published, broadcast);
+        let nodes = Tally::by_node(reports, &published, broadcast, self.nodes.connect.len());
+        if nodes.len() > 1 {
+            self.report_nodes(&nodes, &published);
+        }
+        let tally = Tally::sum(nodes);
 
         self.report_publish(&published);
         self.report_deliveries(&tally, &published);
@@ -463,7 +471,7 @@ impl Bench {
         );
         let started = self.clock.now_ns();
         let fleet = Fleet::open(
-            self.endpoint.clone(),
+            &self.nodes.connect,
             &self.identities,
             self.conns,
             self.concurrency,
@@ -484,6 +492,13 @@ impl Bench {
                 count(failed)
             ),
         );
+        if self.nodes.connect.len() > 1 {
+            let per_node = fleet.progress.connected_by_node();
+            let text: Vec<String> = per_node.iter().map(|n| count(*n)).collect();
+            self.summary
+                .line("", format!("open per node: {}", text.join(" / ")));
+            self.summary.set("conns_open_per_node", per_node);
+        }
         let failures = fleet.progress.failures();
         for (why, n) in failures.iter().take(5) {
             self.summary
@@ -611,6 +626,55 @@ impl Bench {
         }
     }
 
+    /// One line and one JSON object per connection node: its connections, what
+    /// they received against what was promised, the latency seen there, and
+    /// the publishes it accepted (when publishes were spread over the nodes).
+    fn report_nodes(&mut self, nodes: &[Tally], published: &PublishReport) {
+        let spread =
+            self.nodes.publish.len() == self.nodes.connect.len() && self.nodes.publish.len() > 1;
+        let mut figures = Vec::with_capacity(nodes.len());
+        for (i, (tally, node)) in nodes.iter().zip(&self.nodes.connect).enumerate() {
+            let mut text = format!(
+                "{}: {} conns, {}/{} delivered, lost {}, duplicate/out-of-order {}, misrouted {}",
+                node.url,
+                count(tally.conns),
+                count(tally.received),
+                count(tally.expected),
+                count(tally.lost),
+                count(tally.out_of_order),
+                count(tally.misrouted)
+            );
+            let mut figure = serde_json::json!({
+                "url": node.url,
+                "conns_open": tally.conns,
+                "deliveries_expected": tally.expected,
+                "deliveries": tally.received,
+                "lost": tally.lost,
+                "duplicate_or_out_of_order": tally.out_of_order,
+                "misrouted": tally.misrouted,
+            });
+            if let Some(latency) = Spread::of(tally.latencies.clone()) {
+                text.push_str(&format!("; latency {}", latency.describe()));
+                figure["latency_p50_ms"] = ms(latency.p50).into();
+                figure["latency_p99_ms"] = ms(latency.p99).into();
+                figure["latency_max_ms"] = ms(latency.max).into();
+            }
+            if spread {
+                let accepted = published.per_node.get(i).copied().unwrap_or(0);
+                text.push_str(&format!("; published {}", count(accepted)));
+                figure["messages_accepted"] = accepted.into();
+            }
+            self.summary.line(&format!("node {}", i + 1), text);
+            figures.push(figure);
+        }
+        if !spread {
+            let on = &self.nodes.publish[0].url;
+            self.summary.line("", format!("every publish on {on}"));
+            self.summary.set("publish_url", on.as_str());
+        }
+        self.summary.set("nodes", figures);
+    }
+
     fn list_drops(&mut self, fleet: &Fleet) {
         for (why, n) in fleet.progress.drops().iter().take(5) {
             self.summary
@@ -656,6 +720,8 @@ struct Snapshot {
 /// What all connections received, against what the 202 answers promised.
 #[derive(Debug, Default)]
 struct Tally {
+    /// Connections counted: open when publishing began.
+    conns: u64,
     expected: u64,
     received: u64,
     lost: u64,
@@ -681,6 +747,7 @@ impl Tally {
                 Some(_) => tally.dropped_during += 1,
                 None => {}
             }
+            tally.conns += 1;
             let expected = if broadcast {
                 published.accepted
             } else {
@@ -696,6 +763,43 @@ impl Tally {
             tally.latencies.extend(report.latencies_ns);
         }
         tally
+    }
+
+    /// One tally per node, from the reports of the connections on it.
+    fn by_node(
+        reports: Vec<ConnReport>,
+        published: &PublishReport,
+        broadcast: bool,
+        nodes: usize,
+    ) -> Vec<Tally> {
+        let mut groups: Vec<Vec<ConnReport>> = (0..nodes.max(1)).map(|_| Vec::new()).collect();
+        for report in reports {
+            let node = report.node.min(groups.len() - 1);
+            groups[node].push(report);
+        }
+        groups
+            .into_iter()
+            .map(|group| Tally::of(group, published, broadcast))
+            .collect()
+    }
+
+    /// The end-to-end tally of all nodes together.
+    fn sum(parts: Vec<Tally>) -> Tally {
+        let mut total = Tally::default();
+        for part in parts {
+            total.conns += part.conns;
+            total.expected += part.expected;
+            total.received += part.received;
+            total.lost += part.lost;
+            total.misrouted += part.misrouted;
+            total.out_of_order += part.out_of_order;
+            total.other += part.other;
+            total.last_recv_ns = total.last_recv_ns.max(part.last_recv_ns);
+            total.dropped_before += part.dropped_before;
+            total.dropped_during += part.dropped_during;
+            total.latencies.extend(part.latencies);
+        }
+        total
     }
 }
 
@@ -762,5 +866,45 @@ mod tests {
 
         let broadcast = Tally::of(vec![conn(0, 3, None), conn(1, 2, None)], &published, true);
         assert_eq!((broadcast.expected, broadcast.lost), (6, 1));
+    }
+
+    #[test]
+    fn tallies_per_node_count_each_nodes_connections_and_add_up_end_to_end() {
+        let published = PublishReport {
+            accepted: 4,
+            first_send_ns: 100,
+            ..Default::default()
+        };
+        let conn = |node, received: u64, latency| ConnReport {
+            node,
+            connected: true,
+            received,
+            last_recv_ns: 200 + latency,
+            latencies_ns: vec![latency; received as usize],
+            ..Default::default()
+        };
+        // Node 0: two connections, one missed a message; node 1: one complete;
+        // node 2: one closed before publishing began.
+        let mut early = conn(2, 0, 0);
+        early.dropped_ns = Some(50);
+        let reports = vec![conn(0, 4, 10), conn(1, 4, 30), conn(0, 3, 20), early];
+        let nodes = Tally::by_node(reports, &published, true, 3);
+        assert_eq!(nodes.len(), 3);
+        let figures: Vec<_> = nodes
+            .iter()
+            .map(|t| (t.conns, t.expected, t.received, t.lost))
+            .collect();
+        assert_eq!(figures, [(2, 8, 7, 1), (1, 4, 4, 0), (0, 0, 0, 0)]);
+        assert_eq!(nodes[2].dropped_before, 1);
+        let p99 = |t: &Tally| Spread::of(t.latencies.clone()).map(|s| s.p99);
+        assert_eq!((p99(&nodes[0]), p99(&nodes[1])), (Some(20), Some(30)));
+
+        let total = Tally::sum(nodes);
+        assert_eq!(
+            (total.conns, total.expected, total.received, total.lost),
+            (3, 12, 11, 1)
+        );
+        assert_eq!((total.dropped_before, total.latencies.len()), (1, 11));
+        assert_eq!(total.last_recv_ns, 230);
     }
 }

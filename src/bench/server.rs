@@ -136,8 +136,29 @@ struct StatsBody {
     stats: ServerStats,
 }
 
-/// The server's stats now; `None` if it does not answer them (they are only a cross-check).
-pub async fn stats(client: &mut HttpClient) -> Option<ServerStats> {
+impl ServerStats {
+    /// The counters of several nodes added up (each node counts its own).
+    fn add(mut self, other: ServerStats) -> ServerStats {
+        self.total_connections += other.total_connections;
+        self.current_connections += other.current_connections;
+        self.messages_sent += other.messages_sent;
+        self.messages_published += other.messages_published;
+        self.slow_consumer_disconnects += other.slow_consumer_disconnects;
+        self
+    }
+}
+
+/// The stats of every node now, added up; `None` if one does not answer them
+/// (they are only a cross-check).
+pub async fn stats(nodes: &mut [HttpClient]) -> Option<ServerStats> {
+    let mut total = ServerStats::default();
+    for node in nodes {
+        total = total.add(node_stats(node).await?);
+    }
+    Some(total)
+}
+
+async fn node_stats(client: &mut HttpClient) -> Option<ServerStats> {
     match client
         .request(Method::GET, "/api/v1/ws/stats", None, None)
         .await
@@ -170,6 +191,25 @@ mod tests {
         );
         assert_eq!(parse_busy_ticks("cpu0 100 2 30 5000 7 1 4 3 0 0"), None);
         assert!(machine_busy_ticks().is_some());
+    }
+
+    #[test]
+    fn stats_of_several_nodes_add_up() {
+        let node = |current, sent| ServerStats {
+            current_connections: current,
+            messages_sent: sent,
+            total_connections: current,
+            ..ServerStats::default()
+        };
+        let total = node(3, 30).add(node(2, 20));
+        assert_eq!(
+            (
+                total.current_connections,
+                total.messages_sent,
+                total.total_connections
+            ),
+            (5, 50, 5)
+        );
     }
 
     #[test]

@@ -21,15 +21,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use super::{Envelope, LogError, StreamKey, StreamLog, Target};
 use crate::store::{Store, StoreError, StoredMessage, StoredTarget, ViewUpdate};
 
-/// The `LOG_STORE` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LogStoreKind {
-    /// Durable: the SQLite file in DATA_DIR; 202 only after the commit.
-    #[default]
-    Sqlite,
-    /// In memory only: lost on restart (for comparison runs and tests).
-    Memory,
-}
+pub use crate::config::LogStoreKind;
 
 /// The engine behind the streams. Cloning is cheap.
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
 //! What the real binary writes to its log (SPEC §1, §2): never a password, a
 //! token, an API key or the JWT secret, even at `RUST_LOG=debug`; the one
-//! exception is the generated bootstrap admin password, printed once.
+//! exception is the generated bootstrap admin password, printed once. Nor the
+//! password of a `rediss://` REDIS_URL, tried against a real TLS `redis-server`.
 //!
 //! These tests run `agentcast` itself (`CARGO_BIN_EXE_agentcast`) so they see
 //! exactly what an operator's log would hold, from every crate.
@@ -438,4 +439,169 @@ async fn no_token_appears_in_the_trace_log_even_from_queries_that_do_not_parse()
         );
     }
     assert!(since_answer.contains("connected"), "{since_answer}");
+}
+
+/// `rediss://` end to end: a TLS-only `redis-server` with a password and a
+/// certificate of a CA made here (trusted through `SSL_CERT_FILE`, which the
+/// system CA loading honours); the node connects, reports `redis: ok`,
+/// accepts a publish (the script ran over TLS), and at `RUST_LOG=trace` its
+/// log never holds the URL's password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_url_works_over_tls_and_its_password_is_never_logged() {
+    let dir = DataDir::new();
+    let tls = dir.0.join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(&tls)
+            .output()
+            .expect("run openssl (apt-get install openssl)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let subject = |cn: &str| format!("/CN={cn}");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        &subject("agentcast test CA"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "redis.key",
+        "-out",
+        "redis.csr",
+        "-subj",
+        &subject("localhost"),
+    ]);
+    std::fs::write(tls.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        "redis.crt",
+        "-extfile",
+        "san.ext",
+    ]);
+
+    let redis_password = "RedisTlsPw5mQ8zK";
+    let port = crate::redis_server::free_port();
+    let mut redis = KillOnDrop(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+            .args([
+                "--tls-cert-file",
+                "redis.crt",
+                "--tls-key-file",
+                "redis.key",
+            ])
+            .args([
+                "--tls-ca-cert-file",
+                "ca.crt",
+                "--requirepass",
+                redis_password,
+            ])
+            .current_dir(&tls)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)"),
+    );
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server's TLS port never opened"
+        );
+        assert!(redis.0.try_wait().unwrap().is_none(), "redis-server exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let admin_password = "Adm1nSecretPw9xQ";
+    let url = format!("rediss://:{redis_password}@localhost:{port}");
+    let ca = tls.join("ca.crt");
+    let server = Binary::start(
+        &dir.0,
+        &[
+            ("ADMIN_PASSWORD", admin_password),
+            ("JWT_SECRET", "JwtSecretValue0123456789abcdefXYZ"),
+            ("REDIS_URL", &url),
+            ("NODE_ID", "tls-node"),
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("RUST_LOG", "trace"),
+        ],
+    );
+    let health: Value = server
+        .http
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["redis"], "ok", "{health}");
+    let token = server.login("admin", admin_password).await;
+    let response = server
+        .post(
+            "/api/v1/ws/broadcast",
+            Some(&token),
+            &json!({"type": "notification", "data": {"over": "tls"}}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+
+    let output = server.stop();
+    drop(redis);
+    assert!(output.contains("TRACE"), "trace logging was on:\n{output}");
+    assert!(
+        !output.contains(redis_password),
+        "the REDIS_URL password appears in the log:\n{output}"
+    );
+}
+
+/// A child process killed (and reaped) when the test ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
