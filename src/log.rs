@@ -342,28 +342,36 @@ impl Log {
         })
     }
 
-    /// With the Redis engine, once per stream and node: learns the stream's
-    /// epoch from Redis (creating its log if new) before a connection is told
-    /// one, so a client that connected before the first publish can resume.
-    /// Redis unreachable: the next connection tries again.
+    /// With the Redis engine, before a connection attaches to `key`: learns
+    /// the stream's epoch from Redis (creating its log if new), so a client
+    /// that connected before the first publish can resume; and brings this
+    /// node up to the head Redis has, so the connection is told (and resumes
+    /// from) every message acknowledged before it connected, even one whose
+    /// pub/sub copy is still on its way (or its subscription is being
+    /// re-made). Redis unreachable: the connection gets what this node has,
+    /// after at most the response timeout, and the next one tries again.
     pub async fn prepare(&self, key: &StreamKey) {
         let Engine::Redis(engine) = &self.inner.engine else {
             return;
         };
         let stream = self.stream(key);
-        if stream.stored.load(Ordering::Acquire) {
-            return;
-        }
         let epoch = stream.lock_cache().epoch().to_owned();
-        let Ok((stored, _)) = engine.ensure(key, &epoch).await else {
+        let Ok((stored, stored_head)) = engine.ensure(key, &epoch).await else {
             return;
         };
-        let mut cache = stream.lock_cache();
-        // Only an unborn stream takes it: messages bring their epoch otherwise.
-        if cache.head() == 0 && cache.epoch() != stored {
-            cache.adopt(stored, 0);
+        let local_head = {
+            let mut cache = stream.lock_cache();
+            // Only an unborn stream takes it: messages bring their epoch otherwise.
+            if cache.head() == 0 && cache.epoch() != stored {
+                cache.adopt(stored.clone(), 0);
+            }
+            stream.stored.store(true, Ordering::Release);
+            (cache.epoch() == stored).then_some(cache.head())
+        };
+        if let Some(head) = local_head.filter(|head| *head < stored_head) {
+            // Racing the subscriber is harmless: a message applies once.
+            let _ = redis::fill(engine, &*self.inner, key, &stored, head, stored_head).await;
         }
-        stream.stored.store(true, Ordering::Release);
     }
 
     /// Attaches a connection to `key`'s stream: runs `join` (the sink

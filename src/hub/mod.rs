@@ -198,7 +198,7 @@ impl Hub {
         Ok(receipt)
     }
 
-    /// Before a first connection to `tenant`: see [`Log::prepare`].
+    /// Before a connection to `tenant` attaches: see [`Log::prepare`].
     pub async fn prepare(&self, tenant: &str) {
         self.inner.log.prepare(&StreamKey::tenant(tenant)).await;
     }

@@ -536,7 +536,7 @@ async fn deliver_in_order<A: Apply>(
 }
 
 /// Brings `stream` from `head` up to `to` from the history.
-async fn fill<A: Apply>(
+pub(super) async fn fill<A: Apply>(
     engine: &RedisLog,
     log: &A,
     stream: &StreamKey,
