@@ -16,7 +16,8 @@
 //! the receipt (the 202). With a durable engine that step is a tokio task fed
 //! by the engine's commits, so the store's writer thread never fans out and
 //! the order lock (what later appends wait for) is never held during a
-//! fan-out. With the memory engine there is nothing to wait for: the message
+//! fan-out; the writer wakes that task through the I/O driver (`doorbell`),
+//! and the publisher waits for the delivery, which implies the commit. With the memory engine there is nothing to wait for: the message
 //! is committed and delivered at once, under the cache lock.
 //!
 //! A connection attaches under the same cache lock ([`Log::attach`]) and
@@ -37,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth::Role;
 
 mod cache;
+mod doorbell;
 mod engine;
 mod message;
 pub mod redis;
@@ -140,7 +142,7 @@ struct Inner {
     history_bytes: usize,
     sink: Arc<OnceLock<Arc<dyn Sink>>>,
     /// Into the delivery task; only durable engines have one.
-    delivery: Option<mpsc::Sender<Delivery>>,
+    delivery: Option<Committer>,
 }
 
 impl std::fmt::Debug for Log {
@@ -165,6 +167,27 @@ struct Stream {
     stored: AtomicBool,
 }
 
+/// The engine's committer's way into the delivery task: its queue, and the
+/// bell that wakes it (see [`doorbell`]).
+#[derive(Clone)]
+struct Committer {
+    queue: mpsc::Sender<Delivery>,
+    /// None when no socket pair could be made: the queue's own wake-up then.
+    bell: Option<Arc<doorbell::Bell>>,
+}
+
+impl Committer {
+    /// On the engine's committer (the writer thread), never in the runtime.
+    fn send(&self, delivery: Delivery) {
+        // A gone delivery task (shutdown) drops `done`: the publisher hears `Closed`.
+        if self.queue.blocking_send(delivery).is_ok() {
+            if let Some(bell) = &self.bell {
+                bell.ring();
+            }
+        }
+    }
+}
+
 /// A committed message on its way to the delivery task.
 struct Delivery {
     stream: Arc<Stream>,
@@ -180,9 +203,16 @@ impl Log {
     pub fn new(engine: Engine, history_size: usize, history_bytes: usize) -> Self {
         let sink: Arc<OnceLock<Arc<dyn Sink>>> = Arc::default();
         let delivery = engine.is_queued().then(|| {
-            let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
-            tokio::spawn(deliver_committed(rx, sink.clone()));
-            tx
+            let (queue, rx) = mpsc::channel(DELIVERY_QUEUE);
+            let (bell, door) = match doorbell::pair() {
+                Ok((bell, door)) => (Some(Arc::new(bell)), Some(door)),
+                Err(error) => {
+                    tracing::warn!(%error, "no socket pair for the delivery task's bell; using its queue's wake-up");
+                    (None, None)
+                }
+            };
+            tokio::spawn(deliver_committed(rx, door, sink.clone()));
+            Committer { queue, bell }
         });
         let inner = Arc::new(Inner {
             streams: RwLock::default(),
@@ -316,14 +346,11 @@ impl Log {
                 let (delivery, stream, envelope) =
                     (delivery.clone(), Arc::clone(&stream), Arc::clone(&envelope));
                 Box::new(move || {
-                    // On the engine's committer (the writer thread), never in
-                    // the runtime. A gone delivery task (shutdown) drops
-                    // `done`: the publisher hears `Closed`.
-                    let _ = delivery.blocking_send(Delivery {
+                    delivery.send(Delivery {
                         stream,
                         envelope,
                         done,
-                    });
+                    })
                 })
             };
             // `Err`: never queued, so `seq` is free for the next append.
@@ -333,13 +360,23 @@ impl Log {
         };
         // A failure leaves `seq` as a hole that nobody saw (no socket, no
         // replay, no head): this process never hands it out again.
-        commit.await?;
-        let recipients = delivered.await.map_err(|_| LogError::Closed)?;
-        Ok(Receipt {
-            id,
-            seq,
-            recipients,
-        })
+        // The delivery is awaited, not the commit: `on_commit` runs only
+        // after COMMIT succeeded, so a delivery means committed. Waiting on
+        // the commit as well would have the writer thread wake this task,
+        // which queues it behind the connections the fan-out woke (see
+        // `doorbell`); the delivery task wakes it from the runtime instead.
+        match delivered.await {
+            Ok(recipients) => Ok(Receipt {
+                id,
+                seq,
+                recipients,
+            }),
+            // Not delivered: the commit failed (its error), or shutdown.
+            Err(_) => {
+                commit.await?;
+                Err(LogError::Closed)
+            }
+        }
     }
 
     /// With the Redis engine, before a connection attaches to `key`: learns
@@ -552,10 +589,11 @@ fn reset(sink: &OnceLock<Arc<dyn Sink>>, key: &StreamKey) {
 /// Consecutive messages of one stream share one take of its cache lock.
 async fn deliver_committed(
     mut committed: mpsc::Receiver<Delivery>,
+    mut door: Option<doorbell::Door>,
     sink: Arc<OnceLock<Arc<dyn Sink>>>,
 ) {
     let mut batch = Vec::with_capacity(DELIVERY_BATCH);
-    while committed.recv_many(&mut batch, DELIVERY_BATCH).await > 0 {
+    while next_committed(&mut committed, &mut door, &mut batch).await {
         let mut items = batch.drain(..).peekable();
         while let Some(first) = items.next() {
             let stream = Arc::clone(&first.stream);
@@ -571,6 +609,37 @@ async fn deliver_committed(
                 let _ = item.done.send(recipients);
                 next = items.next_if(|n| Arc::ptr_eq(&n.stream, &stream));
             }
+        }
+    }
+}
+
+/// Fills `batch` with the next committed messages (up to
+/// [`DELIVERY_BATCH`]), waiting on the door for them when there is one;
+/// false once every committer is gone and the queue is empty.
+async fn next_committed(
+    committed: &mut mpsc::Receiver<Delivery>,
+    door: &mut Option<doorbell::Door>,
+    batch: &mut Vec<Delivery>,
+) -> bool {
+    use mpsc::error::TryRecvError;
+    loop {
+        let Some(waiting) = door else {
+            return committed.recv_many(batch, DELIVERY_BATCH).await > 0;
+        };
+        while batch.len() < DELIVERY_BATCH {
+            match committed.try_recv() {
+                Ok(delivery) => batch.push(delivery),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return !batch.is_empty(),
+            }
+        }
+        if !batch.is_empty() {
+            return true;
+        }
+        // Newly armed: look once more, a commit may have come in between.
+        if !waiting.arm() && !waiting.wait().await {
+            // The bell is gone; the queue tells when its senders are too.
+            *door = None;
         }
     }
 }
@@ -626,6 +695,42 @@ mod tests {
         );
         let snapshot = log.attach(&key, Some((0, "")), "u", Role::User, || Ok::<_, ()>(()));
         assert_eq!(snapshot.unwrap().1.head, 20);
+        store.close().await;
+    }
+
+    /// The publisher waits for the delivery rather than the commit (issue
+    /// 9): a commit the engine refuses still answers with the engine's
+    /// error, not `Closed`, and delivers nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_commit_answers_with_the_engines_error_and_delivers_nothing() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        let log = Log::new(Engine::Sqlite(store.clone()), 100, usize::MAX);
+        let threads = Arc::new(Threads::default());
+        log.set_sink(threads.clone());
+        let key = StreamKey::tenant("t");
+        let data = serde_json::json!({});
+        log.append(&key, "x", &data, Target::Broadcast)
+            .await
+            .unwrap();
+        // Seq 2 taken behind the log's back: the log's next append conflicts.
+        let taken = crate::store::StoredMessage {
+            tenant: "t".into(),
+            seq: 2,
+            target: crate::store::StoredTarget::Broadcast,
+            kind: "x".into(),
+            body: "{}".into(),
+            id: "elsewhere".into(),
+            ts_ms: 0,
+            view: None,
+        };
+        store.append(taken, Box::new(|| {})).await.unwrap();
+        let refused = log.append(&key, "x", &data, Target::Broadcast).await;
+        assert!(
+            matches!(refused, Err(LogError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert_eq!(threads.0.lock().unwrap().len(), 1, "nothing delivered");
         store.close().await;
     }
 }
