@@ -17,8 +17,9 @@
 //! by the engine's commits, so the store's writer thread never fans out and
 //! the order lock (what later appends wait for) is never held during a
 //! fan-out; the writer wakes that task through the I/O driver (`doorbell`),
-//! and the publisher waits for the delivery, which implies the commit. With the memory engine there is nothing to wait for: the message
-//! is committed and delivered at once, under the cache lock.
+//! and the publisher waits for the delivery, which implies the commit. With
+//! the memory engine there is nothing to wait for: the message is committed
+//! and delivered at once, under the cache lock.
 //!
 //! A connection attaches under the same cache lock ([`Log::attach`]) and
 //! takes its resume snapshot there, so every committed message is either in
