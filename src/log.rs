@@ -392,6 +392,12 @@ impl Log {
         let Engine::Redis(engine) = &self.inner.engine else {
             return;
         };
+        // Boxed: every connection's task holds room for its largest await
+        // for as long as it lives, and the Redis round trips are large.
+        Box::pin(self.catch_up_with_redis(engine, key)).await;
+    }
+
+    async fn catch_up_with_redis(&self, engine: &redis::RedisLog, key: &StreamKey) {
         let stream = self.stream(key);
         let epoch = stream.lock_cache().epoch().to_owned();
         let Ok((stored, stored_head)) = engine.ensure(key, &epoch).await else {
@@ -697,6 +703,20 @@ mod tests {
         let snapshot = log.attach(&key, Some((0, "")), "u", Role::User, || Ok::<_, ()>(()));
         assert_eq!(snapshot.unwrap().1.head, 20);
         store.close().await;
+    }
+
+    /// Every connection's task keeps room for its largest await for as long
+    /// as it lives: `prepare` (Redis round trips, a history fill) must stay
+    /// a small future, or idle connections grow (issue 9: 4.8 → 5.2 KiB
+    /// each at 19k connections before it was boxed).
+    #[tokio::test]
+    async fn the_prepare_future_a_connection_task_holds_stays_small() {
+        let log = Log::new(Engine::Memory, 100, usize::MAX);
+        let key = StreamKey::tenant("t");
+        let prepare = log.prepare(&key);
+        let size = std::mem::size_of_val(&prepare);
+        assert!(size <= 64, "prepare's future is {size} bytes");
+        prepare.await;
     }
 
     /// The publisher waits for the delivery rather than the commit (issue
