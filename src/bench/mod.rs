@@ -121,6 +121,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub server_pid: Option<u32>,
 
+    /// With several --urls: the process id of each node, in --url order
+    /// (repeat the flag or separate with commas): adds each node's CPU per
+    /// delivery to its figures.
+    #[arg(long = "node-pid", value_delimiter = ',')]
+    pub node_pids: Vec<u32>,
+
     /// The server's HS256 secret; unset reads DATA_DIR/jwt_secret.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub secret: Option<String>,

@@ -33,6 +33,8 @@ pub struct Bench {
     admin_token: Arc<str>,
     server: ProcProbe,
     own: ProcProbe,
+    /// One per connection node when `--node-pid`s were given.
+    node_probes: Vec<ProcProbe>,
     /// For the stats endpoint, one per connection node.
     http: Vec<HttpClient>,
     conns: usize,
@@ -137,6 +139,8 @@ impl Bench {
             _ => {}
         }
 
+        let node_probes = node_probes(&args.node_pids, nodes.connect.len())?;
+
         Ok(Bench {
             scenario,
             http: nodes
@@ -151,6 +155,7 @@ impl Bench {
             admin_token,
             server,
             own,
+            node_probes,
             conns,
             messages,
             rate: args.rate,
@@ -361,7 +366,16 @@ impl Bench {
         let reports = fleet.close().await;
         let nodes = Tally::by_node(reports, &published, broadcast, self.nodes.connect.len());
         if nodes.len() > 1 {
-            self.report_nodes(&nodes, &published);
+            let cpu: Vec<Option<f64>> = self
+                .node_probes
+                .iter()
+                .zip(start.nodes.iter().zip(&end.nodes))
+                .map(|(probe, pair)| match pair {
+                    (Some(before), Some(after)) => Some(probe.cpu_seconds(*before, *after)),
+                    _ => None,
+                })
+                .collect();
+            self.report_nodes(&nodes, &published, &cpu);
         }
         let tally = Tally::sum(nodes);
 
@@ -430,6 +444,7 @@ impl Bench {
             at_ns: self.clock.now_ns(),
             server: self.server.sample(),
             own: self.own.sample(),
+            nodes: self.node_probes.iter().map(ProcProbe::sample).collect(),
             machine_ticks: server::machine_busy_ticks(),
         }
     }
@@ -629,7 +644,8 @@ impl Bench {
     /// One line and one JSON object per connection node: its connections, what
     /// they received against what was promised, the latency seen there, and
     /// the publishes it accepted (when publishes were spread over the nodes).
-    fn report_nodes(&mut self, nodes: &[Tally], published: &PublishReport) {
+    /// `cpu`: each node's CPU seconds over the run, with `--node-pid`s.
+    fn report_nodes(&mut self, nodes: &[Tally], published: &PublishReport, cpu: &[Option<f64>]) {
         let spread =
             self.nodes.publish.len() == self.nodes.connect.len() && self.nodes.publish.len() > 1;
         let mut figures = Vec::with_capacity(nodes.len());
@@ -658,6 +674,14 @@ impl Bench {
                 figure["latency_p50_ms"] = ms(latency.p50).into();
                 figure["latency_p99_ms"] = ms(latency.p99).into();
                 figure["latency_max_ms"] = ms(latency.max).into();
+            }
+            if let Some(cpu) = cpu.get(i).copied().flatten() {
+                let per_delivery_us = cpu * 1e6 / tally.received.max(1) as f64;
+                text.push_str(&format!(
+                    "; CPU {cpu:.2} s = {per_delivery_us:.2} µs per delivery"
+                ));
+                figure["server_cpu_s"] = round3(cpu).into();
+                figure["server_cpu_per_delivery_us"] = round3(per_delivery_us).into();
             }
             if spread {
                 let accepted = published.per_node.get(i).copied().unwrap_or(0);
@@ -714,7 +738,32 @@ struct Snapshot {
     at_ns: u64,
     server: Option<server::ProcSample>,
     own: Option<server::ProcSample>,
+    /// Each node's, with `--node-pid`s.
+    nodes: Vec<Option<server::ProcSample>>,
     machine_ticks: Option<u64>,
+}
+
+/// A probe per connection node, from `--node-pid`: none, or one per `--url`,
+/// each a process there is to read.
+fn node_probes(pids: &[u32], nodes: usize) -> Result<Vec<ProcProbe>, String> {
+    if pids.is_empty() {
+        return Ok(Vec::new());
+    }
+    if pids.len() != nodes {
+        return Err(format!(
+            "{} --node-pid for {nodes} --url: give one per node, in --url order",
+            pids.len()
+        ));
+    }
+    let probes: Vec<ProcProbe> = pids.iter().map(|&pid| ProcProbe::new(Some(pid))).collect();
+    match pids
+        .iter()
+        .zip(&probes)
+        .find(|(_, probe)| probe.sample().is_none())
+    {
+        Some((pid, _)) => Err(format!("no process {pid} to read /proc of")),
+        None => Ok(probes),
+    }
 }
 
 /// What all connections received, against what the 202 answers promised.
@@ -866,6 +915,17 @@ mod tests {
 
         let broadcast = Tally::of(vec![conn(0, 3, None), conn(1, 2, None)], &published, true);
         assert_eq!((broadcast.expected, broadcast.lost), (6, 1));
+    }
+
+    #[test]
+    fn node_pids_are_one_per_url_and_each_a_process_to_read() {
+        assert!(node_probes(&[], 2).unwrap().is_empty());
+        let me = std::process::id();
+        assert_eq!(node_probes(&[me, me], 2).unwrap().len(), 2);
+        assert!(node_probes(&[me], 2).unwrap_err().contains("one per node"));
+        // Above the kernel's pid_max: no such process.
+        let gone = node_probes(&[me, u32::MAX], 2).unwrap_err();
+        assert!(gone.contains(&u32::MAX.to_string()), "{gone}");
     }
 
     #[test]
