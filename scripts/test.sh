@@ -35,7 +35,7 @@ cargo test --locked --all-targets
 # the views read Redis there (a restart would meet an empty Redis: skipped).
 echo "== cargo test (the same suites on the Redis engine)"
 AGENTCAST_TEST_REDIS=1 cargo test --locked --test api -- \
-  publish:: ws:: resume:: limits:: auth:: http:: hardening_ws:: views:: accounts:: api_keys:: \
+  publish:: ws:: resume:: limits:: auth:: http:: hardening_ws:: views:: task_view:: accounts:: api_keys:: \
   --skip views_survive_a_restart --skip a_restart_keeps_accounts_and_api_keys
 
 echo "== docker entrypoint (without Docker: root-owned folder, drop to uid 10001)"

@@ -1,4 +1,4 @@
-//! [`Views`]: where `GET /api/v1/tasks` and `/agents` read the views of
+//! [`Views`]: where `GET /api/v1/tasks`, `/tasks/:task_id` and `/agents` read the views of
 //! SPEC §5, chosen at start like the log's engine. A single node reads its
 //! SQLite store (the writer keeps the views there, in the log's
 //! transaction); a cluster node (`REDIS_URL`) reads Redis, where the publish
@@ -38,6 +38,19 @@ impl Views {
         Ok(match self {
             Views::Sqlite(store) => store.tasks(viewer, limit).await?,
             Views::Redis(redis) => crate::redis::views::tasks(redis, &viewer, limit).await?,
+        })
+    }
+
+    /// One task of the viewer's tenant, `None` if there is none or the
+    /// viewer may not see it (the two look the same to the caller).
+    pub async fn task(
+        &self,
+        viewer: Viewer,
+        task_id: &str,
+    ) -> Result<Option<TaskEntry>, ViewError> {
+        Ok(match self {
+            Views::Sqlite(store) => store.task(viewer, task_id.to_owned()).await?,
+            Views::Redis(redis) => crate::redis::views::task(redis, &viewer, task_id).await?,
         })
     }
 

@@ -1,5 +1,5 @@
-//! The read side of the views in Redis (SPEC §5): `GET /api/v1/tasks` and
-//! `GET /api/v1/agents` of a cluster node, with the same entries, order
+//! The read side of the views in Redis (SPEC §5): `GET /api/v1/tasks` (and
+//! `/tasks/:task_id`) and `GET /api/v1/agents` of a cluster node, with the same entries, order
 //! (newest `seq` first) and `limit` as the SQLite store gives a single node.
 //!
 //! The publish script ([`publish.lua`](../log/publish.lua)) writes each entry
@@ -95,6 +95,55 @@ pub async fn tasks(
             })
         })
         .collect())
+}
+
+/// `status, query, progress, seq, ts, data, to, role` of a task's hash.
+type TaskFields = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<u64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// One task of the viewer's tenant, if it exists and the viewer may see it
+/// (`GET /api/v1/tasks/:task_id`): the entry the list would show. The entry's
+/// hash records whom its message addressed (`to`, `role`, written by the
+/// publish script), which decides like the audience indexes do: an admin
+/// sees every entry, a user one a broadcast or a message to them set. One
+/// `HMGET` reads the fields and the audience together, so they agree.
+pub async fn task(
+    redis: &Redis,
+    viewer: &Viewer,
+    task_id: &str,
+) -> Result<Option<TaskEntry>, RedisError> {
+    let key = redis.keys().view_entry(&viewer.tenant, "task", task_id);
+    let mut commands = redis.commands();
+    let (status, query, progress, seq, ts, data, to, role): TaskFields = redis::cmd("HMGET")
+        .arg(&key)
+        .arg(&[
+            "status", "query", "progress", "seq", "ts", "data", "to", "role",
+        ])
+        .query_async(&mut commands)
+        .await?;
+    let to = to.unwrap_or_default();
+    let visible = viewer.admin
+        || (role.unwrap_or_default().is_empty() && (to.is_empty() || to == viewer.user));
+    if !visible {
+        return Ok(None);
+    }
+    Ok(status.zip(seq).map(|(status, seq)| TaskEntry {
+        task_id: task_id.to_owned(),
+        status,
+        query,
+        progress: progress.and_then(|p| p.parse().ok()),
+        seq,
+        updated_at_ms: ts.unwrap_or(0),
+        data: parse(data),
+    }))
 }
 
 /// The newest `limit` agents of the viewer's tenant it may see, newest first.

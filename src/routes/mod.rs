@@ -68,6 +68,7 @@ pub fn all(
         .or(publish::user_publish(shared.clone()))
         .or(publish::user_presence(shared.clone()))
         .or(views::tasks_list(shared.clone()))
+        .or(views::tasks_get(shared.clone()))
         .or(views::agents_list(shared.clone()))
         .or(views::analytics_get(shared.clone()))
         .or(accounts::auth_signup(shared.clone()))

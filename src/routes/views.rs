@@ -1,9 +1,10 @@
-//! The views (SPEC §3, §5): tasks, agents and per-minute analytics of the
-//! caller's tenant. Any valid JWT of the tenant may read them (an API key gets
-//! 403: keys only publish); a user sees the entries set by broadcasts and by
-//! messages to them, an admin all of the tenant's. Nothing crosses tenants:
-//! the tenant comes from the token. The lists come from [`crate::views`]
-//! (SQLite, or Redis in cluster mode); analytics are this node's own.
+//! The views (SPEC §3, §5): tasks (the list and one task), agents and
+//! per-minute analytics of the caller's tenant. Any valid JWT of the tenant
+//! may read them (an API key gets 403: keys only publish); a user sees the
+//! entries set by broadcasts and by messages to them, an admin all of the
+//! tenant's. Nothing crosses tenants: the tenant comes from the token. The
+//! lists come from [`crate::views`] (SQLite, or Redis in cluster mode);
+//! analytics are this node's own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +43,30 @@ pub fn tasks_list(
                     .map_err(unavailable)?;
                 let tasks: Vec<TaskView> = tasks.into_iter().map(TaskView::from).collect();
                 Ok::<_, Rejection>(warp::reply::json(&json!({ "tasks": tasks })))
+            },
+        )
+}
+
+/// GET /api/v1/tasks/:task_id
+pub fn tasks_get(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api" / "v1" / "tasks" / String)
+        .and(warp::get())
+        .and(token_claims(shared.clone()))
+        .and(with_shared(shared))
+        .and_then(
+            |segment: String, claims: Claims, shared: Arc<Shared>| async move {
+                let task_id = task_id(&segment)?;
+                let task = shared
+                    .views
+                    .task(viewer(&claims), &task_id)
+                    .await
+                    .map_err(unavailable)?
+                    // Not there, or not the caller's to see: the same answer, so
+                    // a user learns nothing of other users' tasks.
+                    .ok_or_else(|| warp::reject::custom(ApiError::NotFound))?;
+                Ok::<_, Rejection>(warp::reply::json(&json!({ "task": TaskView::from(task) })))
             },
         )
 }
@@ -102,6 +127,26 @@ fn limit() -> impl Filter<Extract = (usize,), Error = Rejection> + Clone {
                 }),
         }
     })
+}
+
+/// The longest task id `GET /api/v1/tasks/:task_id` looks up, in bytes.
+const MAX_TASK_ID: usize = 256;
+
+/// A `task_id` path segment: percent-decoded, 1-[`MAX_TASK_ID`] bytes of
+/// printable characters; else 422 (like a bad `userID`).
+fn task_id(segment: &str) -> Result<String, Rejection> {
+    let invalid = || {
+        warp::reject::custom(ApiError::Unprocessable(format!(
+            "task_id must be 1-{MAX_TASK_ID} bytes of printable characters"
+        )))
+    };
+    let decoded = percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map_err(|_| invalid())?;
+    if decoded.is_empty() || decoded.len() > MAX_TASK_ID || decoded.chars().any(char::is_control) {
+        return Err(invalid());
+    }
+    Ok(decoded.into_owned())
 }
 
 fn viewer(claims: &Claims) -> Viewer {

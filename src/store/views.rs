@@ -196,19 +196,32 @@ impl Store {
             let mut statement = conn.prepare_cached(&sql)?;
             let rows = statement.query_map(
                 params![viewer.tenant, viewer.admin, viewer.user, to_limit(limit)],
-                |row| {
-                    Ok(TaskEntry {
-                        task_id: row.get(0)?,
-                        status: row.get(1)?,
-                        query: row.get(2)?,
-                        progress: row.get(3)?,
-                        seq: u64::try_from(row.get::<_, i64>(4)?).unwrap_or(0),
-                        updated_at_ms: row.get(5)?,
-                        data: parse(row.get::<_, String>(6)?),
-                    })
-                },
+                task_entry,
             )?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// One task of the viewer's tenant, if it exists and the viewer may see
+    /// it: the same entry [`Store::tasks`] would list (`None` either way, so
+    /// a user cannot tell another user's task from no task).
+    pub async fn task(
+        &self,
+        viewer: Viewer,
+        task_id: String,
+    ) -> Result<Option<TaskEntry>, StoreError> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT task_id, status, query, progress, seq, updated_at, data FROM tasks
+                 WHERE tenant = ?1 AND task_id = ?4 AND {VISIBLE}"
+            );
+            let mut statement = conn.prepare_cached(&sql)?;
+            let mut rows = statement.query_map(
+                params![viewer.tenant, viewer.admin, viewer.user, task_id],
+                task_entry,
+            )?;
+            Ok(rows.next().transpose()?)
         })
         .await
     }
@@ -241,6 +254,19 @@ impl Store {
         })
         .await
     }
+}
+
+/// A row of `SELECT task_id, status, query, progress, seq, updated_at, data`.
+fn task_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<TaskEntry> {
+    Ok(TaskEntry {
+        task_id: row.get(0)?,
+        status: row.get(1)?,
+        query: row.get(2)?,
+        progress: row.get(3)?,
+        seq: u64::try_from(row.get::<_, i64>(4)?).unwrap_or(0),
+        updated_at_ms: row.get(5)?,
+        data: parse(row.get::<_, String>(6)?),
+    })
 }
 
 fn to_limit(limit: usize) -> i64 {
@@ -362,7 +388,32 @@ mod tests {
             tenant: "globex".into(),
             ..viewer("root", true)
         };
-        assert!(store.tasks(other, 100).await.unwrap().is_empty());
+        assert!(store.tasks(other.clone(), 100).await.unwrap().is_empty());
+
+        // One entry: the same as the list's, under the same rule.
+        let one = |viewer: Viewer, id: &str| store.task(viewer, id.to_owned());
+        assert_eq!(
+            one(viewer("alice", false), "t1").await.unwrap().as_ref(),
+            Some(t1)
+        );
+        assert_eq!(
+            one(viewer("alice", false), "t2").await.unwrap(),
+            None,
+            "bob's"
+        );
+        assert_eq!(
+            one(viewer("alice", false), "t3").await.unwrap(),
+            None,
+            "the admins'"
+        );
+        assert!(one(viewer("bob", false), "t2").await.unwrap().is_some());
+        assert!(one(viewer("root", true), "t3").await.unwrap().is_some());
+        assert_eq!(
+            one(viewer("root", true), "t9").await.unwrap(),
+            None,
+            "no task"
+        );
+        assert_eq!(one(other, "t1").await.unwrap(), None, "another tenant");
 
         let agents = store.agents(viewer("alice", false), 100).await.unwrap();
         assert_eq!(agents.len(), 1);

@@ -11,6 +11,7 @@
 //! - `durability`: the durable log across clean restarts, `kill -9` and a store
 //!   that cannot commit (issue 3);
 //! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts;
+//! - `task_view`: one task (`GET /api/v1/tasks/:task_id`), with the list's visibility;
 //! - `cluster`, `cluster_nodes`: several nodes over one real Redis (SPEC §6): delivery,
 //!   Redis outages, the views on every node, a node killed and restarted;
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
@@ -42,5 +43,6 @@ mod pages;
 mod publish;
 mod redis_server;
 mod resume;
+mod task_view;
 mod views;
 mod ws;
