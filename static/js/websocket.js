@@ -7,6 +7,12 @@
  *   live.on('*', (msg) => …);                    // every published message
  *   live.on('@state', (s) => …);                 // connecting|connected|reconnecting|disconnected|closed
  *   live.on('@resync', () => …);                 // reload your view over REST
+ *   live.subscribe('task:7f3a', (msg) => …, {    // one channel (SPEC §4.4)
+ *     since, epoch,                              // resume from there (e.g. a history load)
+ *     onReset: (channel, data) => …,             // resume incomplete: reload its history
+ *     onError: (channel, data) => …              // forbidden, too_many_subscriptions, …
+ *   });
+ *   live.unsubscribe('task:7f3a');
  *
  * Why it looks the way it does:
  * - The token travels as the subprotocol pair ['token', jwt], never in the URL,
@@ -21,6 +27,11 @@
  *   the gap (`replay.complete === false`) the page is told to reload over REST.
  * - Close codes carry intent (SPEC §4.2): 4401 means "log in again", 4403
  *   "stop", 4429 "back off", 4503 and 1012 "come back and resume".
+ * - Channels have their own seq and epoch, apart from the tenant log's: a
+ *   channel frame (it carries `channel`) goes to its channel's handler only and
+ *   never moves the tenant resume position. Subscriptions belong to a
+ *   connection, so each (re)connect subscribes again from each channel's last
+ *   seq; subscribe frames are paced, as they count against the frame rate.
  */
 (function (global) {
   'use strict';
@@ -221,6 +232,16 @@
 
   var clients = [];
 
+  /**
+   * Subscribe and unsubscribe frames count against the server's client frame
+   * rate (10/s, bursts of 50): a page with many channels sends at most this
+   * many at once after a connect, then CHANNEL_RATE a second.
+   */
+  var CHANNEL_BURST = 30;
+  var CHANNEL_RATE = 5;
+  /** The channel name rule of SPEC §4.4 (the server checks it too). */
+  var CHANNEL_NAME = /^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9_.:@=-]{1,128}$/;
+
   function Client(options) {
     this.options = Object.assign({}, DEFAULTS, options || {});
     this.handlers = Object.create(null);
@@ -235,11 +256,20 @@
     this.connection = null;
     this.replaying = false;
     this.heartbeatMs = 25000;
-    this.timers = { retry: null, ping: null, pong: null, refresh: null };
+    this.timers = { retry: null, ping: null, pong: null, refresh: null, channels: null };
     this.stopped = false;
     this.replayToasts = 0;
     /** task_id -> query, bounded, so a "completed" toast can name the task. */
     this.taskNames = new Map();
+    /**
+     * channel name -> {name, handler, onReset, onError, seq, epoch, subscribed}:
+     * what to subscribe to after every connect, and from where.
+     */
+    this.channels = new Map();
+    /** Channel frames (subscribe/unsubscribe) waiting for the pacer, in order. */
+    this.channelQueue = [];
+    this.channelTokens = CHANNEL_BURST;
+    this.channelRefilled = 0;
   }
 
   Client.prototype.on = function (type, fn) {
@@ -358,6 +388,12 @@
     this.heard();
     var data = frame.data && typeof frame.data === 'object' ? frame.data : {};
     switch (frame.type) {
+      case 'subscribed':
+        this.onSubscribed(data);
+        return;
+      case 'unsubscribed':
+        this.emit('@unsubscribed', data);
+        return;
       case 'connected':
         this.onConnected(data);
         return;
@@ -371,8 +407,16 @@
         this.emit('@refreshed', data);
         return;
       case 'error':
+        if (typeof data.channel === 'string' || typeof frame.channel === 'string') {
+          this.onChannelError(typeof data.channel === 'string' ? data.channel : frame.channel, data);
+        }
         this.emit('@error', data);
         return;
+    }
+    // A channel's message: its seq is the channel's, never the tenant log's.
+    if (typeof frame.channel === 'string') {
+      this.onChannelFrame(frame);
+      return;
     }
     if (typeof frame.seq === 'number') {
       if (this.lastSeq !== null && frame.seq <= this.lastSeq) return; // already seen
@@ -403,9 +447,164 @@
     this.schedulePing();
     this.scheduleRefresh();
     this.emit('@connected', data, { resumed: resumed });
+    this.resubscribe();
     if (!wasResume) {
       // First connection of this page: whatever the page loaded before may be older.
       this.emit('@resync', { reason: 'connected' });
+    }
+  };
+
+  // ---- channels (SPEC §4.4) ----------------------------------------------
+
+  /**
+   * Subscribes to one channel: `handler(msg, meta)` gets each of its messages
+   * ({type, data, id, seq, ts, channel}) once, in seq order; meta.replayed is
+   * true for the ones sent before `subscribed`. options (all optional):
+   * `since`/`epoch` where to resume from (e.g. a history load's head and
+   * epoch; without them, live messages only), `onReset(channel, data)` when
+   * the server could not resume (`subscribed.complete === false`: reload the
+   * channel's history), `onError(channel, data)` for an `error` frame about it
+   * (`forbidden`, `too_many_subscriptions`, …), `onSubscribed(channel, data)`.
+   * Subscribing again to the same channel replaces its handler and options.
+   */
+  Client.prototype.subscribe = function (channel, handler, options) {
+    if (typeof channel !== 'string' || !CHANNEL_NAME.test(channel)) {
+      throw new TypeError('not a channel name: ' + channel);
+    }
+    if (typeof handler !== 'function') throw new TypeError('handler must be a function');
+    options = options || {};
+    var old = this.channels.get(channel);
+    var since = typeof options.since === 'number' && options.since >= 0 && Math.floor(options.since) === options.since
+      ? options.since : null;
+    var entry = {
+      name: channel,
+      handler: handler,
+      onReset: typeof options.onReset === 'function' ? options.onReset : null,
+      onError: typeof options.onError === 'function' ? options.onError : null,
+      onSubscribed: typeof options.onSubscribed === 'function' ? options.onSubscribed : null,
+      seq: since !== null ? since : old ? old.seq : null,
+      epoch: typeof options.epoch === 'string' && options.epoch ? options.epoch : old && since === null ? old.epoch : null,
+      subscribed: false
+    };
+    this.channels.set(channel, entry);
+    if (this.state === 'connected') this.queueChannelFrame(entry.name);
+    return this;
+  };
+
+  /** Stops one channel: no frame of it reaches its handler after this call. */
+  Client.prototype.unsubscribe = function (channel) {
+    if (!this.channels.delete(channel)) return this;
+    this.channelQueue = this.channelQueue.filter(function (item) { return item.channel !== channel; });
+    if (this.state === 'connected') {
+      this.channelQueue.push({ type: 'unsubscribe', channel: channel });
+      this.pumpChannels();
+    }
+    return this;
+  };
+
+  /** A channel's resume position: {seq, epoch, subscribed}, or null. */
+  Client.prototype.channel = function (channel) {
+    var entry = this.channels.get(channel);
+    return entry ? { seq: entry.seq, epoch: entry.epoch, subscribed: entry.subscribed } : null;
+  };
+
+  Client.prototype.queueChannelFrame = function (channel) {
+    this.channelQueue = this.channelQueue.filter(function (item) { return item.channel !== channel; });
+    this.channelQueue.push({ type: 'subscribe', channel: channel });
+    this.pumpChannels();
+  };
+
+  /** After `connected`: every channel again, from its last seq and epoch. */
+  Client.prototype.resubscribe = function () {
+    var self = this;
+    this.channelQueue = [];
+    this.channelTokens = CHANNEL_BURST; // a new connection has a fresh allowance
+    this.channelRefilled = Date.now();
+    this.channels.forEach(function (entry) {
+      entry.subscribed = false;
+      self.channelQueue.push({ type: 'subscribe', channel: entry.name });
+    });
+    this.pumpChannels();
+  };
+
+  /** Sends queued channel frames as the allowance permits; the rest later. */
+  Client.prototype.pumpChannels = function () {
+    var now = Date.now();
+    this.channelTokens = Math.min(CHANNEL_BURST,
+      this.channelTokens + (now - this.channelRefilled) * CHANNEL_RATE / 1000);
+    this.channelRefilled = now;
+    while (this.channelQueue.length && this.channelTokens >= 1) {
+      if (!this.socket || this.socket.readyState !== 1 || this.state !== 'connected') {
+        this.channelQueue = []; // the next `connected` subscribes everything again
+        return;
+      }
+      var item = this.channelQueue.shift();
+      var data = { channel: item.channel };
+      if (item.type === 'subscribe') {
+        var entry = this.channels.get(item.channel);
+        if (!entry) continue;
+        if (entry.seq !== null) data.since = entry.seq;
+        if (entry.epoch) data.epoch = entry.epoch;
+      }
+      this.send({ type: item.type, data: data });
+      this.channelTokens -= 1;
+    }
+    if (this.channelQueue.length && !this.timers.channels) {
+      var self = this;
+      this.timers.channels = global.setTimeout(function () {
+        self.timers.channels = null;
+        self.pumpChannels();
+      }, Math.ceil(1000 / CHANNEL_RATE));
+    }
+  };
+
+  Client.prototype.onChannelFrame = function (frame) {
+    var entry = this.channels.get(frame.channel);
+    if (!entry) return; // unsubscribed (or never): not for this page any more
+    if (typeof frame.seq === 'number') {
+      if (typeof frame.epoch === 'string' && frame.epoch && entry.epoch && frame.epoch !== entry.epoch) {
+        entry.epoch = frame.epoch; // the channel started over: its seqs too
+      } else if (entry.seq !== null && frame.seq <= entry.seq) {
+        return; // already seen
+      }
+      entry.seq = frame.seq;
+    }
+    try {
+      entry.handler(frame, { channel: entry.name, replayed: !entry.subscribed });
+    } catch (e) {
+      global.setTimeout(function () { throw e; });
+    }
+  };
+
+  Client.prototype.onSubscribed = function (data) {
+    var entry = typeof data.channel === 'string' ? this.channels.get(data.channel) : null;
+    if (!entry) return;
+    var newEpoch = typeof data.epoch === 'string' && data.epoch !== entry.epoch;
+    if (typeof data.epoch === 'string') entry.epoch = data.epoch;
+    if (typeof data.to === 'number') {
+      // Incomplete (or another epoch): the head is where live messages go on from;
+      // the page fills in what lies before it over REST (onReset).
+      if (data.complete === false || newEpoch || entry.seq === null || data.to > entry.seq) entry.seq = data.to;
+    }
+    entry.subscribed = true;
+    this.emit('@subscribed', data);
+    if (entry.onSubscribed) this.callChannel(entry.onSubscribed, entry.name, data);
+    if (data.complete === false && entry.onReset) this.callChannel(entry.onReset, entry.name, data);
+  };
+
+  Client.prototype.onChannelError = function (channel, data) {
+    var entry = this.channels.get(channel);
+    if (!entry) return;
+    // Refusals that a retry cannot change: stop asking after every reconnect.
+    if (data.code === 'forbidden' || data.code === 'invalid_frame') this.channels.delete(channel);
+    if (entry.onError) this.callChannel(entry.onError, channel, data);
+  };
+
+  Client.prototype.callChannel = function (fn, channel, data) {
+    try {
+      fn(channel, data);
+    } catch (e) {
+      global.setTimeout(function () { throw e; });
     }
   };
 
@@ -579,6 +778,8 @@
     this.clearTimer('ping');
     this.clearTimer('pong');
     this.clearTimer('refresh');
+    this.clearTimer('channels');
+    this.channelQueue = [];
     if (socket) {
       socket.onmessage = null;
       socket.onclose = null;
