@@ -321,6 +321,7 @@ mod tests {
             "dashboard.html",
             "agents.html",
             "tasks.html",
+            "task.html",
             "analytics.html",
             "settings.html",
             "api-keys.html",

@@ -28,7 +28,7 @@
   var claims = Agentcast.decodeToken(token);
   if (!claims || Agentcast.tokenExpired(token, 0)) {
     // No (valid) session: the login page brings the user back here afterwards.
-    global.location.replace('/login.html?next=' + encodeURIComponent(global.location.pathname));
+    global.location.replace('/login.html?next=' + encodeURIComponent(global.location.pathname + global.location.search));
     return;
   }
   var user = {

@@ -1,5 +1,6 @@
 /* Tasks page: the task view of SPEC §5 (GET /api/v1/tasks) kept current by live
-   task_update messages; a row's badge and progress bar change in place. */
+   task_update messages; a row's badge and progress bar change in place, and its
+   id links to the task's own page (/task.html?id=…). */
 (function (global) {
   'use strict';
   var page = global.Agentcast && global.Agentcast.page;
@@ -21,7 +22,10 @@
   function buildRow(task) {
     var bar = el('progress', { max: '100', 'aria-label': 'Progress of ' + task.task_id });
     var row = el('tr', { 'data-task-id': task.task_id }, [
-      el('td', null, [el('span', { class: 'cell-id' }, task.task_id), el('span', { class: 'cell-sub task-query' })]),
+      el('td', null, [
+        el('a', { class: 'cell-id task-link', href: '/task.html?id=' + encodeURIComponent(task.task_id) }, task.task_id),
+        el('span', { class: 'cell-sub task-query' })
+      ]),
       el('td', { class: 'task-status' }),
       el('td', null, el('div', { class: 'progress' }, [bar, el('span', { class: 'task-progress' })])),
       el('td', { class: 'hide-sm task-updated' })
