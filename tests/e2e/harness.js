@@ -15,7 +15,9 @@ const path = require('node:path');
 const { chromium } = require('playwright-core');
 
 const ROOT = path.resolve(__dirname, '..', '..');
-const BIN = process.env.AGENTCAST_BIN || path.join(ROOT, 'target', 'debug', 'agentcast');
+/** The debug binary of `cargo build` (which honours CARGO_TARGET_DIR), or AGENTCAST_BIN. */
+const TARGET = process.env.CARGO_TARGET_DIR ? path.resolve(ROOT, process.env.CARGO_TARGET_DIR) : path.join(ROOT, 'target');
+const BIN = process.env.AGENTCAST_BIN || path.join(TARGET, 'debug', 'agentcast');
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const SCREENSHOTS = path.join(__dirname, 'screenshots');
 /** The longest a single expected event may take on a loaded 2-core machine. */
@@ -144,6 +146,13 @@ class Server {
   async broadcast(token, type, data) {
     const result = await this.request('POST', '/api/v1/ws/broadcast', token, { type, data });
     if (result.status !== 202) throw new Error('broadcast refused: ' + result.status + ' ' + result.text);
+    return result.body;
+  }
+
+  /** A message to the subscribers of one channel (POST /api/v1/ws/channel/:channel) that must be accepted. */
+  async publish(token, channel, type, data) {
+    const result = await this.request('POST', '/api/v1/ws/channel/' + channel, token, { type, data });
+    if (result.status !== 202) throw new Error('channel publish refused: ' + result.status + ' ' + result.text);
     return result.body;
   }
 

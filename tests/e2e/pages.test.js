@@ -505,6 +505,198 @@ it('the analytics page draws the last hour from GET /api/v1/analytics, then live
   await page.locator('#chart-hour .u-legend', { hasText: 'live_probe' }).waitFor();
 });
 
+// ---- the task page (/task.html?id=…): its state, and the timeline of task:<id> ----
+
+/** Waits until the page's client is subscribed to `channel` (its `subscribed` frame came). */
+async function subscribedTo(page, channel) {
+  await page.waitForFunction((name) => {
+    const c = window.Agentcast.page.client.channel(name);
+    return c && c.subscribed;
+  }, channel, { timeout: WAIT_MS });
+}
+
+/** The texts of the timeline's log lines, in order. */
+function logLines(page) {
+  return page.locator('#timeline li.event--log .log__message').allTextContents();
+}
+
+it('the task page renders a tool run and streamed output published live to its channel', async () => {
+  const { page } = browser;
+  const id = 'e2e-live-1';
+  const channel = 'task:' + id;
+  await server.broadcast(admin, 'task_update', { task_id: id, status: 'running', query: 'Find the cheapest flight', progress: 10 });
+  await browser.login(admin, '/task.html?id=' + id);
+  await indicator(page, /^Connected$/);
+  await page.locator('#task-status .badge', { hasText: 'running' }).waitFor();
+  assert.equal(await page.locator('#task-id').innerText(), id);
+  await subscribedTo(page, channel);
+  assert.equal(await page.locator('#timeline-empty').isVisible(), true, 'no event yet');
+
+  await server.publish(admin, channel, 'tool_start', { tool: 'web_search', params: { q: 'flights to Lisbon' } });
+  const step = page.locator('#timeline li.event--step[data-tool="web_search"]');
+  await step.waitFor();
+  await step.locator('.badge', { hasText: 'running' }).waitFor();
+  assert.match(await step.locator('.step__params').innerText(), /flights to Lisbon/);
+  assert.equal(await page.locator('#timeline-empty').isHidden(), true);
+
+  await server.publish(admin, channel, 'tool_progress', { tool: 'web_search', message: 'page 2 of 4', progress: 0.5 });
+  await step.locator('.step__message', { hasText: 'page 2 of 4' }).waitFor();
+  await until(async () => (await step.locator('progress').evaluate((p) => p.value)) === 50, 'the step at 50%');
+
+  await server.publish(admin, channel, 'tool_end', { tool: 'web_search', status: 'success', duration_s: 2.4, exit_code: 0 });
+  await step.locator('.badge', { hasText: 'success' }).waitFor();
+  assert.equal(await step.getAttribute('data-state'), 'success');
+  assert.match(await step.locator('.step__duration').innerText(), /^2\.4 s · exit 0$/);
+  assert.equal(await step.locator('progress').isHidden(), true);
+  assert.equal(await page.locator('#timeline li.event--step').count(), 1, 'one step, updated in place');
+
+  // Streamed model output: several frames grow one block.
+  const chunks = ['The cheapest ', 'flight leaves ', 'on Tuesday ', 'at 06:40.'];
+  for (const text of chunks) await server.publish(admin, channel, 'output', { text });
+  const output = page.locator('#timeline li.event--output');
+  await until(async () => (await output.locator('.output__text').textContent()) === chunks.join(''), 'the whole output in one block');
+  assert.equal(await output.count(), 1, 'one growing block');
+
+  // Log lines and other types; message text is text, never markup.
+  await server.publish(admin, channel, 'log', { level: 'warning', message: 'rate limited <b>twice</b>' });
+  const log = page.locator('#timeline li.event--log', { hasText: 'rate limited <b>twice</b>' });
+  await log.waitFor();
+  assert.equal(await log.getAttribute('data-level'), 'warning');
+  assert.equal(await log.locator('b').count(), 0, 'no markup from message data');
+  await server.publish(admin, channel, 'checkpoint', { step: 3 });
+  await page.locator('#timeline li.event--other[data-type="checkpoint"]', { hasText: '{"step":3}' }).waitFor();
+  assert.deepEqual(
+    await page.locator('#timeline > li').evaluateAll((rows) => rows.map((r) => r.getAttribute('data-type'))),
+    ['tool_start', 'output', 'log', 'checkpoint'],
+    'in order, one row each'
+  );
+
+  // The header follows the tenant stream's task_update for this task only.
+  await server.broadcast(admin, 'task_update', { task_id: 'e2e-other-task', status: 'failed' });
+  await server.broadcast(admin, 'task_update', { task_id: id, status: 'completed', progress: 100 });
+  await page.locator('#task-status .badge', { hasText: 'completed' }).waitFor();
+  assert.equal(await page.locator('#task-progress-text').innerText(), '100%');
+  assert.match(await page.locator('#task-query').innerText(), /Find the cheapest flight/, 'the view\'s query stays');
+  assert.equal(await page.locator('#timeline li[data-type="task_update"]').count(), 0, 'tenant messages are not timeline rows');
+});
+
+it('the task page resumes its timeline across a server restart, each line once', async (t) => {
+  const { page } = browser;
+  const id = 'e2e-resume-1';
+  const channel = 'task:' + id;
+  await server.broadcast(admin, 'task_update', { task_id: id, status: 'running', query: 'Survives a restart' });
+  await server.publish(admin, channel, 'log', { message: 'line 1' });
+  await server.publish(admin, channel, 'log', { message: 'line 2' });
+  await server.publish(admin, channel, 'tool_start', { tool: 'build' });
+  const channelFrames = [];
+  page.on('websocket', (ws) => {
+    ws.on('framesent', (f) => { if (/"(un)?subscribe"/.test(f.payload)) channelFrames.push('> ' + f.payload); });
+    ws.on('framereceived', (f) => { if (/"type":"(subscribed|unsubscribed|error)"/.test(f.payload)) channelFrames.push('< ' + f.payload); });
+  });
+  await browser.login(admin, '/task.html?id=' + id);
+  await indicator(page, /^Connected$/);
+  await subscribedTo(page, channel);
+  assert.deepEqual(await logLines(page), ['line 1', 'line 2'], 'history first');
+  await server.publish(admin, channel, 'log', { message: 'line 3' });
+  await until(async () => (await logLines(page)).length === 3, 'line 3 live');
+  const before = await page.evaluate((name) => window.Agentcast.page.client.channel(name), channel);
+
+  browser.serverDown = true;
+  await server.stop();
+  await indicator(page, /^Reconnecting/);
+  await server.start();
+  // Published while the page is away (or just back): it gets them by replay or live.
+  await server.publish(admin, channel, 'log', { message: 'line 4' });
+  await server.publish(admin, channel, 'tool_end', { tool: 'build', status: 'completed_with_errors', duration_s: 75 });
+  await server.publish(admin, channel, 'log', { message: 'line 5' });
+  await indicator(page, /^Connected$/);
+  await subscribedTo(page, channel);
+  browser.serverDown = false;
+  await server.publish(admin, channel, 'log', { message: 'line 6' });
+  await until(async () => (await logLines(page)).includes('line 6'), 'line 6 live after the restart');
+
+  assert.deepEqual(await logLines(page), ['line 1', 'line 2', 'line 3', 'line 4', 'line 5', 'line 6'], 'each line once, in order');
+  const build = page.locator('#timeline li.event--step[data-tool="build"]');
+  assert.equal(await build.count(), 1, 'the step that spans the restart is one step');
+  assert.equal(await build.getAttribute('data-state'), 'completed_with_errors');
+  assert.match(await build.locator('.step__duration').innerText(), /^1 min 15 s$/);
+  const after = await page.evaluate((name) => window.Agentcast.page.client.channel(name), channel);
+  const info = await server.request('GET', '/api/v1/ws/channel/' + channel, admin);
+  assert.equal(info.status, 200, info.text);
+  assert.equal(after.seq, info.body.seq, 'the client is at the channel\'s head');
+  t.diagnostic('channel position before ' + JSON.stringify(before) + ', after ' + JSON.stringify(after) +
+    ', info ' + info.text);
+  t.diagnostic('channel frames: ' + channelFrames.join('\n'));
+  // The resume asked for what came after the last seq seen, in the same epoch.
+  assert.ok(channelFrames.some((f) => f.startsWith('> ') && f.includes('"since":' + before.seq)), channelFrames.join('\n'));
+});
+
+it('a tasks table row links to the task page, which shows the task\'s state', async () => {
+  const { page } = browser;
+  const id = 'e2e-link:a=b@c'; // characters a URL encodes, all fine in a channel name
+  await server.broadcast(admin, 'task_update', { task_id: id, status: 'running', query: 'Linked from the table', progress: 25 });
+  await browser.login(admin, '/tasks.html');
+  await indicator(page, /^Connected$/);
+  const link = page.locator('tr[data-task-id="' + id + '"] a.task-link');
+  await link.waitFor();
+  assert.equal(await link.getAttribute('href'), '/task.html?id=' + encodeURIComponent(id));
+  const loaded = answerTo(page, '/api/v1/tasks/' + encodeURIComponent(id));
+  await link.click();
+  await page.waitForURL(/\/task\.html\?id=/);
+  assert.equal((await loaded).status(), 200);
+  await indicator(page, /^Connected$/);
+  assert.equal(await page.locator('#task-id').innerText(), id);
+  await page.locator('#task-status .badge', { hasText: 'running' }).waitFor();
+  assert.equal(await page.locator('#task-query').innerText(), 'Linked from the table');
+  assert.equal(await page.locator('#task-progress').evaluate((p) => p.value), 25);
+  assert.equal(await page.locator('#task-progress-text').innerText(), '25%');
+  assert.equal(await page.locator('#task-missing').isHidden(), true);
+  assert.match(await page.title(), /e2e-link:a=b@c/);
+  await subscribedTo(page, 'task:' + id);
+  await server.publish(admin, 'task:' + id, 'log', { message: 'hello from the linked task' });
+  await page.locator('#timeline li.event--log', { hasText: 'hello from the linked task' }).waitFor();
+
+  // A task that is not in the view: a clear message, and the timeline still works.
+  browser.expectRefusal('/api/v1/tasks/e2e-nope', 404);
+  await page.goto(server.base + '/task.html?id=e2e-nope');
+  await page.locator('#task-missing', { hasText: 'was not found' }).waitFor();
+  await subscribedTo(page, 'task:e2e-nope');
+  await server.publish(admin, 'task:e2e-nope', 'log', { message: 'events without a task entry' });
+  await page.locator('#timeline li.event--log', { hasText: 'events without a task entry' }).waitFor();
+  // Once the task is published, the header fills in live.
+  await server.broadcast(admin, 'task_update', { task_id: 'e2e-nope', status: 'queued' });
+  await page.locator('#task-status .badge', { hasText: 'queued' }).waitFor();
+  assert.equal(await page.locator('#task-missing').isHidden(), true);
+});
+
+it('the task page fits a 390 px wide screen', async () => {
+  const { page } = browser;
+  const id = 'e2e-narrow-' + 'x'.repeat(60);
+  const channel = 'task:' + id;
+  await server.broadcast(admin, 'task_update', { task_id: id, status: 'running', progress: 60, query: 'A long query '.repeat(12) });
+  await server.publish(admin, channel, 'tool_start', { tool: 'shell_' + 'y'.repeat(50), params: { cmd: 'z'.repeat(300) } });
+  await server.publish(admin, channel, 'tool_progress', { tool: 'shell_' + 'y'.repeat(50), message: 'm'.repeat(200), progress: 0.3 });
+  await server.publish(admin, channel, 'log', { level: 'error', message: 'e'.repeat(400) });
+  await server.publish(admin, channel, 'output', { text: 'o'.repeat(500) + '\n  indented line' });
+  await server.publish(admin, channel, 'custom_event', { blob: 'b'.repeat(400) });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await browser.login(admin, '/task.html?id=' + id);
+  await indicator(page, /^Connected$/);
+  await page.locator('#task-status .badge', { hasText: 'running' }).waitFor();
+  await page.locator('#timeline li.event--other[data-type="custom_event"]').waitFor();
+  await subscribedTo(page, channel);
+  const widths = await page.evaluate(() => ({
+    viewport: document.documentElement.clientWidth,
+    page: document.documentElement.scrollWidth,
+    body: document.body.scrollWidth
+  }));
+  assert.ok(widths.page <= widths.viewport && widths.body <= widths.viewport, 'no horizontal overflow: ' + JSON.stringify(widths));
+  await page.evaluate(() => document.querySelectorAll('#notifications .toast').forEach((t) => t.remove()));
+  await browser.screenshot('task-mobile');
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await browser.screenshot('task');
+});
+
 it('screenshots of every page, with live data', async () => {
   const { page } = browser;
   // A tenant of its own, so the pictures show this data and not the other tests'.
