@@ -51,9 +51,10 @@ async function until(check, what, limitMs = WAIT_MS) {
   }
 }
 
-/** One agentcast process; `restart()` keeps the port and DATA_DIR. */
+/** One agentcast process; `restart()` keeps the port and DATA_DIR. `env`: extra settings. */
 class Server {
-  constructor() {
+  constructor({ env = {} } = {}) {
+    this.env = env;
     this.dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'agentcast-e2e-'));
     this.port = null;
     this.child = null;
@@ -66,7 +67,7 @@ class Server {
     if (!fs.existsSync(BIN)) throw new Error(BIN + ' is missing: run `cargo build` first');
     if (this.port === null) this.port = await freePort();
     const child = spawn(BIN, ['serve', '--bind', '127.0.0.1', '--port', String(this.port)], {
-      env: Object.assign({}, process.env, {
+      env: Object.assign({}, process.env, this.env, {
         DATA_DIR: this.dataDir,
         JWT_SECRET,
         ADMIN_PASSWORD,

@@ -631,6 +631,53 @@ it('the task page resumes its timeline across a server restart, each line once',
   assert.ok(channelFrames.some((f) => f.startsWith('> ') && f.includes('"since":' + before.seq)), channelFrames.join('\n'));
 });
 
+test('the task page marks what a resume could not bring back, and fills in the rest', { timeout: TEST_TIMEOUT_MS }, async () => {
+  // A server of its own that keeps only 3 messages per channel.
+  const small = new Server({ env: { CHANNEL_HISTORY: '3' } });
+  await small.start();
+  const opened = await openBrowser(small);
+  try {
+    const { page, context } = opened;
+    const token = small.token('alice', 'admin');
+    const channel = 'task:e2e-gap';
+    await small.publish(token, channel, 'log', { message: 'line 1' });
+    await small.publish(token, channel, 'log', { message: 'line 2' });
+    await small.broadcast(token, 'task_update', { task_id: 'e2e-gap', status: 'running' });
+    await opened.login(token, '/task.html?id=e2e-gap');
+    await indicator(page, /^Connected$/);
+    await subscribedTo(page, channel);
+    assert.deepEqual(await logLines(page), ['line 1', 'line 2']);
+    const resets = page.evaluate((name) => new Promise((resolve) => {
+      window.Agentcast.page.client.on('@subscribed', (data) => { if (data.channel === name && data.complete === false) resolve(data); });
+    }), channel);
+
+    // Away while four lines are published: the channel keeps the last three.
+    opened.serverDown = true;
+    await small.stop();
+    await indicator(page, /^Reconnecting/);
+    await context.setOffline(true);
+    await small.start();
+    for (const n of [3, 4, 5, 6]) await small.publish(token, channel, 'log', { message: 'line ' + n });
+    await context.setOffline(false);
+    await indicator(page, /^Connected$/);
+    opened.serverDown = false;
+    const reset = await resets;
+    assert.deepEqual([reset.from, reset.to, reset.complete], [2, 6, false], JSON.stringify(reset));
+    await page.locator('#timeline li.event--divider', { hasText: 'Some events were missed' }).waitFor();
+    await small.publish(token, channel, 'log', { message: 'line 7' });
+    await until(async () => (await logLines(page)).includes('line 7'), 'line 7 live');
+    assert.deepEqual(await logLines(page), ['line 1', 'line 2', 'line 4', 'line 5', 'line 6', 'line 7'], 'line 3 is gone, nothing twice');
+    // The gap is marked where it is: between line 2 and line 4.
+    const rows = await page.locator('#timeline > li').evaluateAll((lis) => lis.map((li) =>
+      li.classList.contains('event--divider') ? '--' : li.querySelector('.log__message').textContent));
+    assert.deepEqual(rows, ['line 1', 'line 2', '--', 'line 4', 'line 5', 'line 6', 'line 7']);
+  } finally {
+    await opened.close();
+    await small.dispose();
+  }
+  assert.deepEqual(opened.problems, [], 'no console error, CSP violation or foreign request');
+});
+
 it('a tasks table row links to the task page, which shows the task\'s state', async () => {
   const { page } = browser;
   const id = 'e2e-link:a=b@c'; // characters a URL encodes, all fine in a channel name

@@ -251,10 +251,23 @@
     }
   }
 
-  function divider(text) {
+  /** A separator row, at the end or before `beforeRow`. */
+  function divider(text, beforeRow) {
     if (!timeline.firstChild) return;
-    timeline.appendChild(el('li', { class: 'event event--divider', role: 'separator' }, text));
-    stream.steps.clear();
+    timeline.insertBefore(el('li', { class: 'event event--divider', role: 'separator' }, text), beforeRow || null);
+    if (!beforeRow) stream.steps.clear();
+  }
+
+  /** The first row of the current epoch (after the last divider) with a seq above `seq`. */
+  function firstRowAfter(seq) {
+    var rows = timeline.children;
+    for (var i = rows.length - 1, found = null; i >= 0; i--) {
+      var row = rows[i];
+      if (row.classList.contains('event--divider')) break;
+      if (Number(row.getAttribute('data-seq')) > seq) found = row;
+      else return found;
+    }
+    return found;
   }
 
   function historyUrl(since) {
@@ -282,9 +295,7 @@
           return false;
         }
         if (typeof body.epoch === 'string') stream.epoch = body.epoch;
-        if (first && body.complete === false && stream.seq > 0) {
-          divider('Some events were missed here: the server no longer keeps them.');
-        } else if (first && body.complete === false) {
+        if (first && body.complete === false && stream.seq === 0) {
           note('Earlier events are no longer kept; the timeline starts with the oldest one the server has.');
         }
         first = false;
@@ -315,6 +326,10 @@
       stream.output = null;
       stream.seq = 0;
       stream.epoch = data.epoch;
+    } else if (typeof data.from === 'number') {
+      // Same epoch, but history no longer reaches back to where this page was: what
+      // the server still had came before `subscribed`, so the gap is just before it.
+      divider('Some events were missed here: the server no longer keeps them.', firstRowAfter(data.from));
     }
     loadHistory();
   }
