@@ -716,6 +716,22 @@ it('a tasks table row links to the task page, which shows the task\'s state', as
   assert.equal(await page.locator('#task-missing').isHidden(), true);
 });
 
+it('a user whose token allows no channel sees the task, and is told the timeline is not theirs', async () => {
+  const { page } = browser;
+  const id = 'e2e-closed';
+  await server.broadcast(admin, 'task_update', { task_id: id, status: 'queued', query: 'Visible, but not its stream' });
+  await server.publish(admin, 'task:' + id, 'log', { message: 'not for carol' });
+  const carol = server.token('carol', 'user', ['--channels', '']);
+  browser.expectRefusal('/api/v1/channels/task:' + id + '/history', 403);
+  await browser.login(carol, '/task.html?id=' + id);
+  await indicator(page, /^Connected$/);
+  await page.locator('#task-status .badge', { hasText: 'queued' }).waitFor();
+  assert.equal(await page.locator('#task-query').innerText(), 'Visible, but not its stream');
+  await page.locator('#timeline-note', { hasText: 'You may not watch this task\'s timeline.' }).waitFor();
+  assert.equal(await page.locator('#timeline li').count(), 0);
+  assert.equal(await page.evaluate((name) => window.Agentcast.page.client.channel(name), 'task:' + id), null, 'not subscribed');
+});
+
 it('the task page fits a 390 px wide screen', async () => {
   const { page } = browser;
   const id = 'e2e-narrow-' + 'x'.repeat(60);

@@ -279,7 +279,7 @@
   /**
    * Loads the channel's history after `stream.seq` (page by page) and renders
    * it, then what arrived live meanwhile. Resolves true when the history was
-   * read, false when it could not be (the note says why).
+   * read, 'forbidden' for a 403, false when it could not be (the note says why).
    */
   function loadHistory() {
     stream.loading = true;
@@ -289,9 +289,11 @@
       return page.api(historyUrl(stream.seq)).then(function (result) {
         var body = result.ok && result.data;
         if (!body || !Array.isArray(body.messages)) {
-          note(result.status === 403
-            ? 'You may not watch this task\'s timeline.'
-            : 'The timeline\'s history could not be loaded (' + page.errorText(result) + ').');
+          if (result.status === 403) {
+            note('You may not watch this task\'s timeline.');
+            return 'forbidden';
+          }
+          note('The timeline\'s history could not be loaded (' + page.errorText(result) + ').');
           return false;
         }
         if (typeof body.epoch === 'string') stream.epoch = body.epoch;
@@ -348,6 +350,7 @@
       return;
     }
     loadHistory().then(function (ok) {
+      if (ok === 'forbidden') return; // the subscription would be refused the same way
       if (!ok && stream.epoch === null) {
         // No history: the subscription replays whatever the server still has.
         client.subscribe(channel, take, { since: 0, onReset: onReset, onError: onChannelError });
