@@ -864,6 +864,122 @@ mod tests {
         assert_eq!(subscribe_answer("not json", channel), None);
     }
 
+    /// A stand-in for the server's side of SPEC §4.4, enough for the fleet:
+    /// `connected`, then the answer to the subscribe (refused for `refuse`),
+    /// then two messages of the channel, seq 1 and 2.
+    async fn fake_channel_server(listener: tokio::net::TcpListener, refuse: &'static str) {
+        use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The client offers `token, <jwt>`: the server answers `token`.
+                // The error type is tungstenite's callback contract, not ours.
+                #[allow(clippy::result_large_err)]
+                let answer = |_: &Request, mut response: Response| {
+                    response
+                        .headers_mut()
+                        .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("token"));
+                    Ok(response)
+                };
+                let mut ws = tokio_tungstenite::accept_hdr_async(stream, answer)
+                    .await
+                    .expect("handshake");
+                let connected = r#"{"type":"connected","data":{"connection_id":"c","user_id":"u","tenant":"t","epoch":"e","seq":0,"heartbeat_s":25}}"#;
+                ws.send(Message::text(connected)).await.expect("send");
+                let Some(Ok(Message::Text(text))) = ws.next().await else {
+                    return;
+                };
+                let frame: serde_json::Value = serde_json::from_str(&text).expect("json");
+                assert_eq!(frame["type"], "subscribe");
+                let channel = frame["data"]["channel"]
+                    .as_str()
+                    .expect("channel")
+                    .to_owned();
+                let mut replies = vec![];
+                if channel == refuse {
+                    replies.push(serde_json::json!({"type": "error", "data": {
+                        "code": "forbidden", "message": format!("{channel} is not allowed"), "channel": channel}}));
+                } else {
+                    replies.push(serde_json::json!({"type": "subscribed", "data": {
+                        "channel": channel, "epoch": "e", "from": 0, "to": 0, "count": 0, "complete": true}}));
+                    for seq in 1..=2 {
+                        replies.push(serde_json::json!({"type": "bench",
+                            "data": {"t": 0, "i": seq, "u": channel},
+                            "id": "x", "seq": seq, "ts": "x", "channel": channel}));
+                    }
+                }
+                for reply in replies {
+                    ws.send(Message::text(reply.to_string()))
+                        .await
+                        .expect("send");
+                }
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_channel_fleet_subscribes_before_it_counts_as_open() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(fake_channel_server(listener, "bench:r-2"));
+        let node = Arc::new(Endpoint {
+            addr,
+            authority: addr.to_string(),
+            url: format!("http://{addr}"),
+        });
+        let identity = Identity {
+            user_id: "u0".into(),
+            token: "token-of-u0".into(),
+        };
+        let channels: Arc<[Arc<str>]> = ["bench:r-0", "bench:r-1", "bench:r-2"]
+            .into_iter()
+            .map(Arc::from)
+            .collect();
+        let listen = Listen {
+            kind: "bench",
+            channels: Some(channels),
+        };
+        let clock = Clock(std::time::Instant::now());
+        let fleet = Fleet::open(&[node], &[identity], 3, 2, clock, &listen).await;
+        let progress = fleet.progress.clone();
+        assert_eq!(progress.connected.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            progress.failures(),
+            [(
+                "subscribe refused: forbidden: <channel> is not allowed".to_owned(),
+                1
+            )]
+        );
+        assert_eq!(progress.alive_by_target(), [1, 1, 0]);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while progress.received.load(Ordering::Relaxed) < 4 {
+            assert!(std::time::Instant::now() < until, "the messages never came");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let reports = fleet.close().await;
+        let seen: Vec<_> = reports
+            .iter()
+            .map(|r| {
+                (
+                    r.target,
+                    r.connected,
+                    r.received,
+                    r.misrouted,
+                    r.out_of_order,
+                    r.other,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (0, true, 2, 0, 0, 0),
+                (1, true, 2, 0, 0, 0),
+                (2, false, 0, 0, 0, 0)
+            ]
+        );
+    }
+
     #[test]
     fn sources_spread_over_loopback_only() {
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
