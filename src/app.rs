@@ -32,7 +32,7 @@ use crate::directory::{Directory, DirectoryError};
 use crate::hub::session::{self, SessionConfig};
 use crate::hub::{Hub, Limits};
 use crate::log::redis::RedisLog;
-use crate::log::{Engine, Log, LogError, LogStoreKind};
+use crate::log::{ChannelBounds, Engine, Log, LogError, LogStoreKind};
 use crate::metrics::Metrics;
 use crate::redis::{Redis, RedisError};
 use crate::routes::{self, PeerAddr, Shared};
@@ -105,7 +105,17 @@ pub async fn serve(
         (None, LogStoreKind::Sqlite) => Engine::Sqlite(store.clone()),
         (None, LogStoreKind::Memory) => Engine::Memory,
     };
-    let log = Log::new(engine, settings.history_size, settings.history_bytes);
+    let channels = ChannelBounds {
+        history: settings.channels.history,
+        history_bytes: settings.channels.history_bytes,
+        ttl: settings.channels.ttl,
+    };
+    let log = Log::with_channels(
+        engine,
+        settings.history_size,
+        settings.history_bytes,
+        channels,
+    );
     restore_logs(&log).await?;
     if redis.is_some() && !log.wait_ready(REDIS_START_WAIT).await {
         return Err(AppError::Redis(RedisError(format!(
@@ -133,6 +143,7 @@ pub async fn serve(
         leeway: settings.jwt_leeway,
         frame_rate: settings.client_frame_rate,
         frame_burst: settings.client_frame_burst,
+        channels: settings.channels.clone(),
     });
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
@@ -157,6 +168,7 @@ pub async fn serve(
         sessions,
         ws_config,
         max_message_bytes: settings.max_message_bytes,
+        channels: settings.channels.clone(),
         allowed_origins: settings.allowed_origins.clone(),
         metrics_token: settings.metrics_token.clone(),
         node: settings.node_id.clone(),
@@ -343,6 +355,8 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
     let options = StoreOptions {
         history_size: settings.history_size,
         history_bytes: settings.history_bytes,
+        channel_history: settings.channels.history,
+        channel_history_bytes: settings.channels.history_bytes,
         durability: match settings.store_sync {
             StoreSync::Full => Durability::Full,
             StoreSync::Normal => Durability::Normal,

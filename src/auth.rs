@@ -48,6 +48,10 @@ pub struct Claims {
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The channels a user may subscribe to (SPEC §4.4): exact names or
+    /// prefixes ending in `*`; absent: the setting `USER_CHANNELS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Box<[String]>>,
 }
 
 fn default_tenant() -> String {
@@ -70,6 +74,7 @@ impl Claims {
             role,
             tenant: tenant.into(),
             name: None,
+            channels: None,
         }
     }
 
@@ -260,6 +265,26 @@ impl Authenticator {
     }
 }
 
+impl Authenticator {
+    /// The principal behind these headers: any valid JWT, or an active API
+    /// key (for endpoints that both may read, like a channel's history).
+    pub async fn principal(
+        &self,
+        directory: &Directory,
+        authorization: Option<&str>,
+        api_key: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        match Credential::from_headers(authorization, api_key) {
+            None => Err(ApiError::Unauthorized(AuthError::Missing)),
+            Some(Credential::ApiKey(key)) => api_key_principal(directory, key).await,
+            Some(Credential::Token(token)) => self
+                .verify(token)
+                .map(Principal::User)
+                .map_err(ApiError::Unauthorized),
+        }
+    }
+}
+
 /// The active key `key`, noting its use; 401 for a malformed, unknown or
 /// revoked key, 503 when the directory cannot answer (never a 401 then). The
 /// lookup is by SHA-256 hash, so no comparison of the secret itself can leak
@@ -330,6 +355,9 @@ fn check_claims(claims: &Claims) -> Result<(), AuthError> {
     }
     if claims.name.as_ref().is_some_and(|n| n.len() > 256) {
         return Err(AuthError::BadClaims("name is longer than 256 bytes"));
+    }
+    if let Some(channels) = &claims.channels {
+        crate::channels::check_claim(channels).map_err(AuthError::BadClaims)?;
     }
     Ok(())
 }

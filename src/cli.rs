@@ -15,8 +15,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use agentcast::config::{
-    self, parse_bytes, parse_duration, parse_switch, AccountSettings, ConfigError, LogStoreKind,
-    RedisSettings, Secret, Settings, StoreSync,
+    self, parse_bytes, parse_duration, parse_switch, AccountSettings, ChannelSettings, ConfigError,
+    LogStoreKind, Patterns, RedisSettings, Secret, Settings, StoreSync,
 };
 
 use crate::bench::BenchArgs;
@@ -111,6 +111,30 @@ pub struct ServeArgs {
     /// 512KiB, 64MiB, 1GiB); with HISTORY_SIZE, whichever is reached first.
     #[arg(long, env = "HISTORY_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
     pub history_bytes: usize,
+
+    /// Messages kept per channel for resume; 0 keeps none (live only).
+    #[arg(long, env = "CHANNEL_HISTORY", default_value_t = 1000)]
+    pub channel_history: usize,
+
+    /// Bytes of messages kept per channel (a number, or with a unit); with
+    /// CHANNEL_HISTORY, whichever is reached first.
+    #[arg(long, env = "CHANNEL_HISTORY_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
+    pub channel_history_bytes: usize,
+
+    /// A channel is forgotten this long after its last publish; its next
+    /// publish starts a new epoch (seconds, or with a unit: 24h).
+    #[arg(long, env = "CHANNEL_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub channel_history_ttl: Duration,
+
+    /// Channels a user token without a `channels` claim may subscribe to:
+    /// comma-separated names or prefixes ending in `*` (`*`: every channel of
+    /// its tenant; empty: none).
+    #[arg(long, env = "USER_CHANNELS", default_value = "*")]
+    pub user_channels: String,
+
+    /// Channel subscriptions per connection (beyond: `too_many_subscriptions`).
+    #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = 64)]
+    pub max_subscriptions: usize,
 
     /// Period of server Ping frames (seconds, or with a unit: 30s, 2m).
     #[arg(long, env = "PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
@@ -213,6 +237,10 @@ pub struct TokenArgs {
     /// Display name claim.
     #[arg(long)]
     pub name: Option<String>,
+    /// Channels claim: comma-separated names or prefixes ending in `*`
+    /// (`task:*,run:42`); an empty value allows no channel.
+    #[arg(long)]
+    pub channels: Option<String>,
     /// Lifetime (seconds, or with a unit: 12h).
     #[arg(long, default_value = "12h", value_parser = parse_duration)]
     pub ttl: Duration,
@@ -287,6 +315,14 @@ impl ServeArgs {
             send_queue: self.send_queue,
             history_size: self.history_size,
             history_bytes: self.history_bytes,
+            channels: ChannelSettings {
+                history: self.channel_history,
+                history_bytes: self.channel_history_bytes,
+                ttl: self.channel_history_ttl,
+                user_channels: Patterns::parse_list(&self.user_channels)
+                    .map_err(|e| ConfigError::Invalid(format!("USER_CHANNELS: {e}")))?,
+                max_subscriptions: self.max_subscriptions,
+            },
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,
             max_connections: self.max_connections,

@@ -4,8 +4,8 @@
 //! The flags themselves (clap, one environment variable each) live in the
 //! binary's `cli` module (src/cli.rs), which maps them onto these types with the helpers here and
 //! calls [`Settings::validate`]. This module is a near leaf: it imports only
-//! [`crate::units`], so every other module may read settings without an import
-//! cycle. Nothing downstream re-reads the environment.
+//! [`crate::units`] and [`crate::channels`] (itself a leaf), so every other
+//! module may read settings without an import cycle. Nothing downstream re-reads the environment.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use rand::distr::{Alphanumeric, SampleString};
 use warp::http::HeaderName;
 
+pub use crate::channels::Patterns;
 pub use crate::units::{parse_bytes, parse_duration, parse_switch};
 
 /// The `STORE_SYNC` setting: how hard a commit holds on to the disk.
@@ -132,6 +133,7 @@ pub struct Settings {
     pub history_size: usize,
     /// `HISTORY_BYTES`: the byte bound of each tenant's history.
     pub history_bytes: usize,
+    pub channels: ChannelSettings,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
@@ -148,6 +150,33 @@ pub struct Settings {
     pub node_id: String,
     /// Period the client is told to ping at (`heartbeat_s` of the `connected` frame).
     pub heartbeat: Duration,
+}
+
+/// The channels' share of the settings (SPEC §4.4).
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    /// `CHANNEL_HISTORY`: messages kept per channel (0: live only).
+    pub history: usize,
+    /// `CHANNEL_HISTORY_BYTES`: their byte bound.
+    pub history_bytes: usize,
+    /// `CHANNEL_HISTORY_TTL`: a channel is forgotten this long after its last publish.
+    pub ttl: Duration,
+    /// `USER_CHANNELS`: what users without a `channels` claim may subscribe to.
+    pub user_channels: Patterns,
+    /// `MAX_SUBSCRIPTIONS` per connection.
+    pub max_subscriptions: usize,
+}
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        ChannelSettings {
+            history: 1000,
+            history_bytes: 4 << 20,
+            ttl: Duration::from_secs(24 * 3600),
+            user_channels: Patterns::all(),
+            max_subscriptions: 64,
+        }
+    }
 }
 
 /// Where the nodes of one deployment meet.
@@ -189,6 +218,7 @@ impl Settings {
             send_queue: 1024,
             history_size: 10_000,
             history_bytes: 64 << 20,
+            channels: ChannelSettings::default(),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             max_connections: 100_000,
@@ -234,6 +264,18 @@ impl Settings {
         check(
             self.history_bytes >= self.max_message_bytes,
             "HISTORY_BYTES must be at least MAX_MESSAGE_BYTES",
+        )?;
+        check(
+            self.channels.history_bytes >= self.max_message_bytes,
+            "CHANNEL_HISTORY_BYTES must be at least MAX_MESSAGE_BYTES",
+        )?;
+        check(
+            self.channels.ttl >= Duration::from_secs(1),
+            "CHANNEL_HISTORY_TTL must be at least 1s",
+        )?;
+        check(
+            self.channels.max_subscriptions >= 1,
+            "MAX_SUBSCRIPTIONS must be at least 1",
         )?;
         check(
             !self.store_sync_interval.is_zero()

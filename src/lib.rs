@@ -48,6 +48,7 @@
 pub mod accounts;
 pub mod app;
 pub mod auth;
+pub mod channels;
 pub mod config;
 pub mod directory;
 pub mod error;

@@ -2,10 +2,19 @@
 //! §4.3) — behind one handle, [`Log`], with the engines (memory, SQLite;
 //! Redis later) behind it.
 //!
-//! A stream is named by a [`StreamKey`]: today each tenant has one; a channel
-//! will be just another key, not another code path. For each stream the log
-//! keeps a [`StreamLog`] (epoch, committed head, bounded history) that
-//! connections are served from, and which only ever holds committed messages.
+//! A stream is named by a [`StreamKey`]: each tenant has one, and each of its
+//! channels (SPEC §4.4) is just another key, not another code path. For each
+//! stream the log keeps a [`StreamLog`] (epoch, committed head, bounded
+//! history) that connections are served from, and which only ever holds
+//! committed messages.
+//!
+//! Channels differ in their bounds ([`ChannelBounds`]) and in that they
+//! expire: a channel not published to for `CHANNEL_HISTORY_TTL` is forgotten
+//! (a new epoch, no history, its engine rows deleted, its subscribers closed
+//! with 1012 so they resume and learn `complete:false`), whether a lookup or
+//! the sweeper finds it first; a channel that never had a message (one that
+//! was only subscribed to) goes after [`UNBORN_GRACE`] once nobody on this
+//! node follows it. So no client can grow the streams map by naming channels.
 //!
 //! A message's path: [`Log::append`] has the engine choose its `seq` (under
 //! the stream's *order* lock, which only appends take), serializes it once
@@ -30,8 +39,9 @@
 //! registers itself as the sink.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -55,7 +65,11 @@ const DELIVERY_QUEUE: usize = 4096;
 /// Committed messages the delivery task takes in one go.
 const DELIVERY_BATCH: usize = 256;
 
-/// The name of a stream: a tenant's log, or (next issue) one of its channels.
+/// How long a channel that never had a message stays once nobody on this
+/// node follows it (at most its TTL).
+pub const UNBORN_GRACE: Duration = Duration::from_secs(60);
+
+/// The name of a stream: a tenant's log, or one of its channels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StreamKey {
     pub tenant: Box<str>,
@@ -68,6 +82,54 @@ impl StreamKey {
         StreamKey {
             tenant: name.into(),
             channel: None,
+        }
+    }
+
+    /// One of the tenant's channels.
+    pub fn channel(tenant: &str, channel: &str) -> Self {
+        StreamKey {
+            tenant: tenant.into(),
+            channel: Some(channel.into()),
+        }
+    }
+
+    /// The name the engines keep it under: the tenant, or `tenant#channel`
+    /// (tenant names never hold `#`).
+    pub fn name(&self) -> String {
+        match &self.channel {
+            None => self.tenant.to_string(),
+            Some(channel) => format!(
+                "{}{}{channel}",
+                self.tenant,
+                crate::store::CHANNEL_SEPARATOR
+            ),
+        }
+    }
+
+    /// The inverse of [`StreamKey::name`].
+    pub fn from_name(name: &str) -> Self {
+        match name.split_once(crate::store::CHANNEL_SEPARATOR) {
+            None => StreamKey::tenant(name),
+            Some((tenant, channel)) => StreamKey::channel(tenant, channel),
+        }
+    }
+}
+
+/// What a channel keeps (SPEC §4.4): `CHANNEL_HISTORY` messages, at most
+/// `CHANNEL_HISTORY_BYTES` of them, for `CHANNEL_HISTORY_TTL` after its last publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelBounds {
+    pub history: usize,
+    pub history_bytes: usize,
+    pub ttl: Duration,
+}
+
+impl Default for ChannelBounds {
+    fn default() -> Self {
+        ChannelBounds {
+            history: 1000,
+            history_bytes: 4 << 20,
+            ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -111,6 +173,15 @@ pub struct Replay {
     pub complete: bool,
 }
 
+/// A page of a channel's history (`GET /api/v1/channels/:channel/history`).
+#[derive(Debug)]
+pub struct Page {
+    pub epoch: String,
+    pub head: u64,
+    pub complete: bool,
+    pub entries: Vec<Arc<Envelope>>,
+}
+
 /// What a connection sees of its stream when it attaches.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -141,6 +212,7 @@ struct Inner {
     history_size: usize,
     /// `HISTORY_BYTES`: frame text kept per stream, beside `history_size`.
     history_bytes: usize,
+    channels: ChannelBounds,
     sink: Arc<OnceLock<Arc<dyn Sink>>>,
     /// Into the delivery task; only durable engines have one.
     delivery: Option<Committer>,
@@ -157,6 +229,11 @@ impl std::fmt::Debug for Log {
 
 struct Stream {
     key: StreamKey,
+    /// The channel's name, shared by its envelopes; `None` for a tenant log.
+    channel: Option<Arc<str>>,
+    /// Unix ms of the last publish (or, before the first, of the last
+    /// subscribe): a channel expires from it.
+    touched_ms: AtomicI64,
     /// The next `seq` a durable engine hands out, held while a message is
     /// queued so that queue order is `seq` order. Never lowered: a seq whose
     /// commit failed after queueing stays a hole, never reused.
@@ -202,6 +279,22 @@ impl Log {
     /// `history_bytes` of them) per stream in memory. With a durable engine
     /// this starts the delivery task, so call it inside the runtime.
     pub fn new(engine: Engine, history_size: usize, history_bytes: usize) -> Self {
+        Log::with_channels(
+            engine,
+            history_size,
+            history_bytes,
+            ChannelBounds::default(),
+        )
+    }
+
+    /// [`Log::new`] with the channels' bounds; starts the sweeper that
+    /// forgets idle channels.
+    pub fn with_channels(
+        engine: Engine,
+        history_size: usize,
+        history_bytes: usize,
+        channels: ChannelBounds,
+    ) -> Self {
         let sink: Arc<OnceLock<Arc<dyn Sink>>> = Arc::default();
         let delivery = engine.is_queued().then(|| {
             let (queue, rx) = mpsc::channel(DELIVERY_QUEUE);
@@ -220,9 +313,14 @@ impl Log {
             engine,
             history_size,
             history_bytes,
+            channels,
             sink,
             delivery,
         });
+        // Outside a runtime (a unit test of the memory engine) nothing expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep_channels(Arc::downgrade(&inner)));
+        }
         if let Engine::Redis(engine) = &inner.engine {
             tokio::spawn(redis::subscriber(
                 (**engine).clone(),
@@ -266,18 +364,28 @@ impl Log {
     pub async fn restore(&self) -> Result<(usize, usize), LogError> {
         let engine = self.inner.engine.clone();
         let (history, bytes) = (self.inner.history_size, self.inner.history_bytes);
-        let loaded = tokio::task::spawn_blocking(move || engine.load(history, bytes))
-            .await
-            .map_err(|e| LogError::Unavailable(format!("log load task failed: {e}")))??;
-        let counts = (loaded.len(), loaded.iter().map(|(_, log)| log.len()).sum());
+        let inner = Arc::clone(&self.inner);
+        let loaded =
+            tokio::task::spawn_blocking(move || engine.load(history, bytes, |k| inner.bounds(k)))
+                .await
+                .map_err(|e| LogError::Unavailable(format!("log load task failed: {e}")))??;
+        let now = now_ms();
+        let mut counts = (0, 0);
         let mut streams = self.write_streams();
-        for (key, log) in loaded {
-            let stream = Stream {
-                key: key.clone(),
-                order: Mutex::new(log.head() + 1),
-                cache: Mutex::new(log),
-                stored: AtomicBool::new(true),
-            };
+        for (key, log, touched_ms) in loaded {
+            if self
+                .inner
+                .ttl_ms(&key)
+                .is_some_and(|ttl| now - touched_ms >= ttl)
+            {
+                // Expired while the server was down: forgotten, not loaded.
+                if let Engine::Sqlite(store) = &self.inner.engine {
+                    let _ = store.forget_log(&key.name());
+                }
+                continue;
+            }
+            counts = (counts.0 + 1, counts.1 + log.len());
+            let stream = Stream::new(key.clone(), log, true, touched_ms);
             streams.insert(key, Arc::new(stream));
         }
         Ok(counts)
@@ -297,11 +405,14 @@ impl Log {
             let id = uuid::Uuid::new_v4().to_string();
             let (ts, ts_ms) = timestamp_with_ms();
             // Redis picks the seq; every node delivers from its subscriber.
-            let (head, tail) = Envelope::frame_around_seq(kind, data, &id, &ts);
-            let limits = (self.inner.history_size, self.inner.history_bytes);
+            let (head, tail) =
+                Envelope::frame_around_seq(stream.channel.as_deref(), kind, data, &id, &ts);
+            let limits = self.inner.bounds(key);
+            let ttl = self.inner.ttl_ms(key);
             let published = engine
-                .publish(key, kind, &target, (&head, &tail), data, ts_ms, limits)
+                .publish(key, kind, &target, (&head, &tail), data, ts_ms, limits, ttl)
                 .await?;
+            stream.touched_ms.store(ts_ms, Ordering::Release);
             // The script counted the other nodes; this node's own count is exact.
             let here = self
                 .inner
@@ -319,11 +430,15 @@ impl Log {
         }
         let id = uuid::Uuid::new_v4().to_string();
         let (ts, ts_ms) = timestamp_with_ms();
+        stream.touched_ms.store(ts_ms, Ordering::Release);
+        let channel = stream.channel.as_ref();
         let Some(delivery) = &self.inner.delivery else {
             // Memory: committed the moment it is in the history.
             let mut cache = stream.lock_cache();
             let seq = cache.head() + 1;
-            let envelope = Arc::new(Envelope::encode(kind, data, &id, seq, &ts, target));
+            let envelope = Arc::new(Envelope::encode_in(
+                channel, kind, data, &id, seq, &ts, target,
+            ));
             cache.push(Arc::clone(&envelope));
             let recipients = deliver(&self.inner.sink, key, &envelope);
             return Ok(Receipt {
@@ -336,7 +451,9 @@ impl Log {
         let (seq, commit) = {
             let mut next = stream.lock_order();
             let seq = *next;
-            let envelope = Arc::new(Envelope::encode(kind, data, &id, seq, &ts, target));
+            let envelope = Arc::new(Envelope::encode_in(
+                channel, kind, data, &id, seq, &ts, target,
+            ));
             let entry = engine::Entry {
                 data,
                 id: &id,
@@ -388,13 +505,24 @@ impl Log {
     /// pub/sub copy is still on its way (or its subscription is being
     /// re-made). Redis unreachable: the connection gets what this node has,
     /// after at most the response timeout, and the next one tries again.
+    ///
+    /// With SQLite, before a subscription to a channel: stores the channel's
+    /// log (with the epoch the subscriber is about to be told) if it has
+    /// none yet, so that epoch outlives a restart.
     pub async fn prepare(&self, key: &StreamKey) {
-        let Engine::Redis(engine) = &self.inner.engine else {
-            return;
-        };
         // Boxed: every connection's task holds room for its largest await
         // for as long as it lives, and the Redis round trips are large.
-        Box::pin(self.catch_up_with_redis(engine, key)).await;
+        match &self.inner.engine {
+            Engine::Redis(engine) => Box::pin(self.catch_up_with_redis(engine, key)).await,
+            Engine::Sqlite(_) if key.channel.is_some() => {
+                let stream = self.stream(key);
+                if !stream.stored.load(Ordering::Acquire) {
+                    // Failing, the subscriber is told the epoch memory has.
+                    let _ = Box::pin(self.ensure_stored(&stream)).await;
+                }
+            }
+            _ => {}
+        }
     }
 
     async fn catch_up_with_redis(&self, engine: &redis::RedisLog, key: &StreamKey) {
@@ -422,10 +550,12 @@ impl Log {
     /// registering it) and takes its snapshot, with resume from `resume`
     /// (since, epoch) for `user` acting as `role`, under the cache lock, so
     /// no commit falls between the two.
+    /// A resume without an epoch (a channel's `since` alone) is taken in
+    /// whatever epoch the stream has.
     pub fn attach<R, E>(
         &self,
         key: &StreamKey,
-        resume: Option<(u64, &str)>,
+        resume: Option<(u64, Option<&str>)>,
         user: &str,
         role: Role,
         join: impl FnOnce() -> Result<R, E>,
@@ -433,12 +563,50 @@ impl Log {
         let stream = self.stream(key);
         let cache = stream.lock_cache();
         let joined = join()?;
+        if stream.channel.is_some() && cache.head() == 0 {
+            // Followed, so not abandoned: the unborn grace starts again.
+            stream.touched_ms.store(now_ms(), Ordering::Release);
+        }
         let snapshot = Snapshot {
             epoch: cache.epoch().to_owned(),
             head: cache.head(),
-            replay: resume.map(|(since, epoch)| cache.resume(since, epoch, user, role)),
+            replay: resume.map(|(since, epoch)| {
+                cache.resume(since, epoch.unwrap_or(cache.epoch()), user, role)
+            }),
         };
         Ok((joined, snapshot))
+    }
+
+    /// The stream's `(epoch, head)` now.
+    pub fn head(&self, key: &StreamKey) -> (String, u64) {
+        let stream = self.stream(key);
+        let cache = stream.lock_cache();
+        (cache.epoch().to_owned(), cache.head())
+    }
+
+    /// The channel's messages after `since` (in `epoch`, or in whatever
+    /// epoch it has), oldest first, at most `limit`.
+    pub fn page(&self, key: &StreamKey, since: u64, epoch: Option<&str>, limit: usize) -> Page {
+        let stream = self.stream(key);
+        let cache = stream.lock_cache();
+        let replay = cache.page(since, epoch.unwrap_or(cache.epoch()), limit);
+        Page {
+            epoch: cache.epoch().to_owned(),
+            head: cache.head(),
+            complete: replay.complete,
+            entries: replay.entries,
+        }
+    }
+
+    /// Channel streams this node holds (for stats and metrics).
+    pub fn channel_count(&self) -> usize {
+        self.inner
+            .streams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|key| key.channel.is_some())
+            .count()
     }
 
     /// The `seq` the next durable append of `key` gets (memory: head + 1).
@@ -460,10 +628,12 @@ impl Log {
         let mut next = stream.lock_order();
         let mut cache = stream.lock_cache();
         if stored_epoch != cache.epoch() || stored_head > cache.head() {
-            tracing::warn!(
-                tenant = &*stream.key.tenant,
-                "the engine already had this log; adopting its epoch and head"
-            );
+            if stream.key.channel.is_none() {
+                tracing::warn!(
+                    tenant = &*stream.key.tenant,
+                    "the engine already had this log; adopting its epoch and head"
+                );
+            }
             cache.adopt(stored_epoch, stored_head);
         }
         *next = (*next).max(cache.head() + 1);
@@ -471,8 +641,12 @@ impl Log {
         Ok(())
     }
 
+    /// The stream of `key`, made if new; a channel past its TTL is
+    /// forgotten first.
     fn stream(&self, key: &StreamKey) -> Arc<Stream> {
-        self.inner.stream(key)
+        let stream = self.inner.stream(key);
+        self.inner.expire_if_idle(&stream, now_ms());
+        stream
     }
 
     fn write_streams(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<StreamKey, Arc<Stream>>> {
@@ -493,15 +667,120 @@ impl Inner {
         // SQLite logs learn their row on first append, Redis ones their
         // epoch on first connection (`Log::prepare`).
         let stored = matches!(self.engine, Engine::Memory);
-        let (history, bytes) = (self.history_size, self.history_bytes);
+        let (history, bytes) = self.bounds(key);
         Arc::clone(self.write_streams().entry(key.clone()).or_insert_with(|| {
-            Arc::new(Stream {
-                key: key.clone(),
-                order: Mutex::new(1),
-                cache: Mutex::new(StreamLog::new(history, bytes)),
-                stored: AtomicBool::new(stored),
-            })
+            let log = StreamLog::new(history, bytes);
+            Arc::new(Stream::new(key.clone(), log, stored, now_ms()))
         }))
+    }
+
+    /// A stream this node already holds.
+    fn held(&self, key: &StreamKey) -> Option<Arc<Stream>> {
+        self.streams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// `(messages, bytes)` the stream's history keeps.
+    fn bounds(&self, key: &StreamKey) -> (usize, usize) {
+        match key.channel {
+            None => (self.history_size, self.history_bytes),
+            Some(_) => (self.channels.history, self.channels.history_bytes),
+        }
+    }
+
+    /// A channel's TTL in ms; `None` for a tenant log, which never expires.
+    fn ttl_ms(&self, key: &StreamKey) -> Option<i64> {
+        key.channel
+            .as_ref()
+            .map(|_| i64::try_from(self.channels.ttl.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Forgets a channel with messages not published to for its TTL: a new epoch and no history, its engine log deleted, its
+    /// subscribers closed with 1012. Returns whether it did.
+    fn expire_if_idle(&self, stream: &Stream, now: i64) -> bool {
+        let Some(ttl) = self.ttl_ms(&stream.key) else {
+            return false;
+        };
+        if now.saturating_sub(stream.touched_ms.load(Ordering::Acquire)) < ttl {
+            return false;
+        }
+        let mut next = stream.lock_order();
+        let mut cache = stream.lock_cache();
+        // Looked at again under the locks: a publish may have come in between.
+        // A channel without a message has nothing to forget (the sweeper
+        // drops it once abandoned).
+        if now.saturating_sub(stream.touched_ms.load(Ordering::Acquire)) < ttl || cache.head() == 0
+        {
+            return false;
+        }
+        let (history, bytes) = self.bounds(&stream.key);
+        *cache = StreamLog::new(history, bytes);
+        *next = 1;
+        stream.touched_ms.store(now, Ordering::Release);
+        let was_stored = stream
+            .stored
+            .swap(matches!(self.engine, Engine::Memory), Ordering::AcqRel);
+        if let (Engine::Sqlite(store), true) = (&self.engine, was_stored) {
+            // Queued under the order lock: after every append of the old
+            // epoch, before any of the new one.
+            if let Err(error) = store.forget_log(&stream.key.name()) {
+                tracing::warn!(%error, "could not delete an expired channel's log; the next start does");
+            }
+        }
+        reset(&self.sink, &stream.key);
+        true
+    }
+
+    /// One pass of the sweeper: expires idle channels, and drops from memory
+    /// the channels without a message that nobody here follows and nobody
+    /// subscribed to for [`UNBORN_GRACE`] (SQLite: their rows too).
+    fn sweep(&self, now: i64) {
+        let channels: Vec<Arc<Stream>> = self
+            .streams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|stream| stream.channel.is_some())
+            .cloned()
+            .collect();
+        let grace = i64::try_from(UNBORN_GRACE.min(self.channels.ttl).as_millis()).unwrap_or(0);
+        let mut unborn = Vec::new();
+        for stream in channels {
+            self.expire_if_idle(&stream, now);
+            let idle = now.saturating_sub(stream.touched_ms.load(Ordering::Acquire)) >= grace;
+            if idle && stream.lock_cache().head() == 0 && self.followers(&stream.key) == 0 {
+                unborn.push(stream.key.clone());
+            }
+        }
+        if unborn.is_empty() {
+            return;
+        }
+        let mut streams = self.write_streams();
+        for key in unborn {
+            // Only if nothing took the stream meanwhile (a publish, a subscribe).
+            let Some(stream) = streams.get(&key) else {
+                continue;
+            };
+            if Arc::strong_count(stream) > 1 || stream.lock_cache().head() > 0 {
+                continue;
+            }
+            if let (Engine::Sqlite(store), true) =
+                (&self.engine, stream.stored.load(Ordering::Acquire))
+            {
+                let _ = store.forget_log(&key.name());
+            }
+            streams.remove(&key);
+        }
+    }
+
+    /// This node's connections following `key` (a channel's subscribers).
+    fn followers(&self, key: &StreamKey) -> usize {
+        self.sink
+            .get()
+            .map_or(0, |sink| sink.addressed(key, &Target::Broadcast))
     }
 
     fn write_streams(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<StreamKey, Arc<Stream>>> {
@@ -513,7 +792,14 @@ impl Inner {
 /// order per stream, into the same cache and sink as local commits.
 impl redis::Apply for Inner {
     fn apply(&self, incoming: redis::Incoming) -> Result<(), u64> {
-        let stream = self.stream(&incoming.stream);
+        let stream = match incoming.stream.channel {
+            None => self.stream(&incoming.stream),
+            // A channel nobody here follows nor read: not this node's business.
+            Some(_) => match self.held(&incoming.stream) {
+                Some(stream) => stream,
+                None => return Ok(()),
+            },
+        };
         let mut cache = stream.lock_cache();
         if cache.epoch() != incoming.epoch {
             if cache.head() == 0 {
@@ -521,11 +807,12 @@ impl redis::Apply for Inner {
                 cache.adopt(incoming.epoch, 0);
             } else {
                 // Redis lost this log and began another: start over.
-                *cache =
-                    StreamLog::with_epoch(incoming.epoch, self.history_size, self.history_bytes);
+                let (history, bytes) = self.bounds(&stream.key);
+                *cache = StreamLog::with_epoch(incoming.epoch, history, bytes);
                 reset(&self.sink, &stream.key);
             }
         }
+        stream.touched_ms.store(incoming.sent_ms, Ordering::Release);
         let (head, seq) = (cache.head(), incoming.envelope.seq);
         if seq <= head {
             return Ok(());
@@ -541,12 +828,13 @@ impl redis::Apply for Inner {
     fn resync(&self, key: &StreamKey, epoch: &str, head: u64, entries: Vec<redis::Incoming>) {
         let stream = self.stream(key);
         let mut cache = stream.lock_cache();
+        let (history, bytes) = self.bounds(key);
         *cache = StreamLog::restore(
             epoch.to_owned(),
             head,
             entries.into_iter().map(|incoming| incoming.envelope),
-            self.history_size,
-            self.history_bytes,
+            history,
+            bytes,
         );
         reset(&self.sink, key);
     }
@@ -571,6 +859,17 @@ impl redis::Apply for Inner {
 }
 
 impl Stream {
+    fn new(key: StreamKey, log: StreamLog, stored: bool, touched_ms: i64) -> Self {
+        Stream {
+            channel: key.channel.as_deref().map(Arc::from),
+            touched_ms: AtomicI64::new(touched_ms),
+            order: Mutex::new(log.head() + 1),
+            cache: Mutex::new(log),
+            stored: AtomicBool::new(stored),
+            key,
+        }
+    }
+
     // Every critical section leaves its state consistent, so a poisoned lock is usable.
     fn lock_order(&self) -> MutexGuard<'_, u64> {
         self.order.lock().unwrap_or_else(|p| p.into_inner())
@@ -588,6 +887,33 @@ fn deliver(sink: &OnceLock<Arc<dyn Sink>>, key: &StreamKey, envelope: &Arc<Envel
 fn reset(sink: &OnceLock<Arc<dyn Sink>>, key: &StreamKey) {
     if let Some(sink) = sink.get() {
         sink.reset(key);
+    }
+}
+
+/// Now in Unix ms, the clock channel expiry runs on.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Expires idle channels and drops abandoned ones, every tenth of the TTL
+/// (between 100 ms and a minute), until the log is dropped.
+async fn sweep_channels(log: std::sync::Weak<Inner>) {
+    let period = match log.upgrade() {
+        Some(inner) => {
+            (inner.channels.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(60))
+        }
+        None => return,
+    };
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = log.upgrade() else {
+            return;
+        };
+        inner.sweep(now_ms());
     }
 }
 
@@ -700,7 +1026,9 @@ mod tests {
                 .all(|t| t.as_deref() != Some("agentcast-store")),
             "{threads:?}"
         );
-        let snapshot = log.attach(&key, Some((0, "")), "u", Role::User, || Ok::<_, ()>(()));
+        let snapshot = log.attach(&key, Some((0, Some(""))), "u", Role::User, || {
+            Ok::<_, ()>(())
+        });
         assert_eq!(snapshot.unwrap().1.head, 20);
         store.close().await;
     }
@@ -753,5 +1081,51 @@ mod tests {
         );
         assert_eq!(threads.0.lock().unwrap().len(), 1, "nothing delivered");
         store.close().await;
+    }
+
+    /// Channels expire (issue 10): an idle one is forgotten by the sweeper
+    /// (a new epoch, no history, seq from 1 again), and one without a
+    /// message that nobody follows is dropped after the unborn grace.
+    #[tokio::test]
+    async fn an_idle_channel_is_forgotten_and_an_abandoned_empty_one_dropped() {
+        let bounds = ChannelBounds {
+            ttl: Duration::from_secs(10),
+            ..ChannelBounds::default()
+        };
+        let log = Log::with_channels(Engine::Memory, 100, usize::MAX, bounds);
+        let key = StreamKey::channel("t", "task:1");
+        let data = serde_json::json!({});
+        log.append(&key, "x", &data, Target::Broadcast)
+            .await
+            .unwrap();
+        let (epoch, head) = log.head(&key);
+        assert_eq!(head, 1);
+        let now = now_ms();
+        log.inner.sweep(now + 9_000);
+        assert_eq!(log.head(&key), (epoch.clone(), 1), "not idle yet");
+        log.inner.sweep(now + 10_000);
+        let held = log.inner.held(&key).unwrap();
+        let (new_epoch, head) = {
+            let cache = held.lock_cache();
+            (cache.epoch().to_owned(), cache.head())
+        };
+        drop(held);
+        assert_eq!(head, 0, "forgotten");
+        assert_ne!(new_epoch, epoch, "a new epoch");
+        assert_eq!(log.channel_count(), 1, "kept for the grace");
+        log.inner.sweep(now + 10_000 + 60_000);
+        assert_eq!(log.channel_count(), 0, "dropped");
+        let receipt = log
+            .append(&key, "x", &data, Target::Broadcast)
+            .await
+            .unwrap();
+        assert_eq!(receipt.seq, 1);
+        // Tenant logs never expire.
+        let tenant = StreamKey::tenant("t");
+        log.append(&tenant, "x", &data, Target::Broadcast)
+            .await
+            .unwrap();
+        log.inner.sweep(now + 365 * 86_400_000);
+        assert_eq!(log.head(&tenant).1, 1);
     }
 }

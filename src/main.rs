@@ -93,6 +93,19 @@ fn token(args: TokenArgs) -> ExitCode {
     };
     let mut claims = Claims::new(args.sub, args.role, args.tenant, args.ttl);
     claims.name = args.name;
+    if let Some(list) = args.channels {
+        let patterns: Box<[String]> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Err(e) = agentcast::channels::check_claim(&patterns) {
+            eprintln!("agentcast token: --channels: {e}");
+            return ExitCode::from(2);
+        }
+        claims.channels = Some(patterns);
+    }
     println!("{}", auth.mint(&claims));
     ExitCode::SUCCESS
 }

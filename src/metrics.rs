@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -42,9 +43,36 @@ pub struct Metrics {
     pub redis_gap_fills: Counter<u64, AtomicU64>,
     /// From the publishing node's script call to this node's subscriber, in seconds.
     pub redis_pubsub_lag: Histogram,
+    /// Channels this node holds, and subscriptions of its connections.
+    pub channels: Gauge,
+    pub channel_subscriptions: Gauge,
+    /// Messages published to channels, by namespace (see [`Metrics::channel_published`]).
+    channel_messages: Family<Vec<(String, String)>, Counter<u64, AtomicU64>>,
+    /// The namespaces that have a label of their own, at most [`NAMESPACE_LABELS`].
+    namespaces: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+/// Namespaces that get a label of their own; later ones count as `other`,
+/// so clients naming channels cannot grow the metrics.
+pub const NAMESPACE_LABELS: usize = 32;
+
 impl Metrics {
+    /// Counts a message published to a channel of `namespace`.
+    pub fn channel_published(&self, namespace: &str) {
+        let label = {
+            let mut known = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+            if known.contains(namespace) || known.len() < NAMESPACE_LABELS {
+                known.insert(namespace.to_owned());
+                namespace.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
+        self.channel_messages
+            .get_or_create(&vec![("namespace".to_owned(), label)])
+            .inc();
+    }
+
     pub fn new() -> Self {
         Metrics::for_node(None)
     }
@@ -79,8 +107,27 @@ impl Metrics {
             redis_gap_fills: Counter::default(),
             // 1 ms .. ~16 s (the clocks of two nodes: milliseconds at best)
             redis_pubsub_lag: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            channels: Gauge::default(),
+            channel_subscriptions: Gauge::default(),
+            channel_messages: Family::default(),
+            namespaces: Default::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "agentcast_channels",
+            "Channels held by this node",
+            m.channels.clone(),
+        );
+        registry.register(
+            "agentcast_channel_subscriptions",
+            "Channel subscriptions of this node's connections",
+            m.channel_subscriptions.clone(),
+        );
+        registry.register(
+            "agentcast_channel_messages_published",
+            "Messages accepted for channels, by namespace",
+            m.channel_messages.clone(),
+        );
         registry.register(
             "agentcast_connections",
             "WebSocket connections accepted",

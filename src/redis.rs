@@ -162,21 +162,12 @@ impl Keys {
     /// A stream's id inside the keys: `T` for a tenant's log, `T#CHANNEL`
     /// for a channel (tenant names never hold `#`).
     pub fn stream_id(key: &StreamKey) -> String {
-        match &key.channel {
-            None => key.tenant.to_string(),
-            Some(channel) => format!("{}#{channel}", key.tenant),
-        }
+        key.name()
     }
 
     /// The inverse of [`Keys::stream_id`].
     pub fn stream_key(id: &str) -> StreamKey {
-        match id.split_once('#') {
-            None => StreamKey::tenant(id),
-            Some((tenant, channel)) => StreamKey {
-                tenant: tenant.into(),
-                channel: Some(channel.into()),
-            },
-        }
+        StreamKey::from_name(id)
     }
 
     pub fn streams(&self) -> String {
@@ -272,6 +263,11 @@ pub mod presence_field {
     /// Tenant names hold no `:`, so the user id after the second one is whole.
     pub fn user(tenant: &str, user: &str) -> String {
         format!("u:{tenant}:{user}")
+    }
+
+    /// The subscribers of one channel.
+    pub fn channel(tenant: &str, channel: &str) -> String {
+        format!("c:{tenant}:{channel}")
     }
 }
 

@@ -15,6 +15,13 @@
 //! a message committed later finds the connection registered, so every
 //! message is either in its replay or in its outbox — never both, never
 //! neither.
+//!
+//! Channels (SPEC §4.4) are streams of the log like the tenant's: a
+//! connection subscribes through [`Membership::subscribe`], which registers
+//! it in the tenant's index of that channel's subscribers and takes the
+//! channel's snapshot under the channel's cache lock, by the same rule. A
+//! channel message is queued for exactly the connections in that index, so
+//! a publish costs O(subscribers), not O(connections).
 
 pub mod analytics;
 pub mod outbox;
@@ -51,6 +58,8 @@ struct Inner {
     log: Log,
     /// Open connections across tenants, checked against `max_connections`.
     open: AtomicUsize,
+    /// Channel subscriptions across tenants.
+    subscriptions: AtomicUsize,
     next_connection_id: AtomicU64,
 }
 
@@ -62,8 +71,9 @@ pub struct Limits {
     pub max_connections_per_user: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Tenant {
+    name: Box<str>,
     state: Mutex<TenantState>,
 }
 
@@ -72,6 +82,8 @@ struct TenantState {
     connections: HashMap<u64, Connection>,
     /// user id -> ids of that user's connections (all tabs).
     users: HashMap<Arc<str>, Vec<u64>>,
+    /// channel -> ids of the connections subscribed to it.
+    channels: HashMap<Arc<str>, Vec<u64>>,
     /// Per-minute counters for `GET /api/v1/analytics`.
     analytics: Analytics,
 }
@@ -98,7 +110,19 @@ pub struct Membership {
     tenant: Arc<Tenant>,
     pub id: u64,
     pub user: Arc<str>,
+    role: Role,
     pub outbox: Arc<Outbox>,
+    /// The channels it follows; boxed, so a connection without any costs
+    /// one word, not a `Vec`'s three (idle connections are what we count).
+    #[allow(clippy::box_collection)]
+    subscriptions: Option<Box<Vec<Arc<str>>>>,
+}
+
+/// Why a subscribe was refused (an `error` frame; the socket stays open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("too many subscriptions on this connection")]
+    TooMany,
 }
 
 /// The hub as the log sees it. Weak, so the log (which the hub owns) does
@@ -110,13 +134,12 @@ impl Sink for HubSink {
         let Some(inner) = self.0.upgrade() else {
             return 0;
         };
-        // Channels (the next issue) are streams without connections yet.
-        if stream.channel.is_some() {
-            return 0;
-        }
         let tenant = Hub { inner }.tenant(&stream.tenant);
         let mut state = tenant.lock();
-        let recipients = state.fan_out(envelope);
+        let recipients = match &stream.channel {
+            None => state.fan_out(envelope),
+            Some(channel) => state.fan_out_channel(channel, envelope),
+        };
         state.analytics.message(&envelope.kind, recipients);
         recipients
     }
@@ -125,13 +148,18 @@ impl Sink for HubSink {
         let Some(inner) = self.0.upgrade() else {
             return;
         };
-        if stream.channel.is_some() {
-            return;
-        }
         let tenant = Hub { inner }.tenant(&stream.tenant);
         let state = tenant.lock();
-        for connection in state.connections.values() {
-            connection.outbox.restart();
+        match &stream.channel {
+            None => state
+                .connections
+                .values()
+                .for_each(|connection| connection.outbox.restart()),
+            Some(channel) => state
+                .subscribers(channel)
+                .iter()
+                .filter_map(|id| state.connections.get(id))
+                .for_each(|connection| connection.outbox.restart()),
         }
     }
 
@@ -139,14 +167,14 @@ impl Sink for HubSink {
         let Some(inner) = self.0.upgrade() else {
             return 0;
         };
-        if stream.channel.is_some() {
-            return 0;
-        }
         let tenants = inner.tenants.read().unwrap_or_else(|p| p.into_inner());
         let Some(tenant) = tenants.get(&*stream.tenant) else {
             return 0;
         };
         let state = tenant.lock();
+        if let Some(channel) = &stream.channel {
+            return state.subscribers(channel).len();
+        }
         match target {
             Target::Broadcast => state.connections.len(),
             Target::User(user) => state.users.get(&**user).map_or(0, Vec::len),
@@ -168,6 +196,7 @@ impl Hub {
             metrics,
             log,
             open: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
             next_connection_id: AtomicU64::new(1),
         });
         inner
@@ -198,9 +227,69 @@ impl Hub {
         Ok(receipt)
     }
 
+    /// Publishes to one channel of the tenant (its subscribers only).
+    pub async fn publish_to_channel(
+        &self,
+        tenant: &str,
+        channel: &str,
+        kind: &str,
+        data: &Value,
+    ) -> Result<Receipt, LogError> {
+        let key = StreamKey::channel(tenant, channel);
+        let receipt = self
+            .inner
+            .log
+            .append(&key, kind, data, Target::Broadcast)
+            .await?;
+        self.inner.metrics.messages_published.inc();
+        self.inner
+            .metrics
+            .channel_published(crate::channels::namespace(channel));
+        Ok(receipt)
+    }
+
     /// Before a connection to `tenant` attaches: see [`Log::prepare`].
     pub async fn prepare(&self, tenant: &str) {
         self.inner.log.prepare(&StreamKey::tenant(tenant)).await;
+    }
+
+    /// Before a subscription to (or a read of) a channel: see [`Log::prepare`].
+    pub async fn prepare_channel(&self, tenant: &str, channel: &str) {
+        let key = StreamKey::channel(tenant, channel);
+        // Boxed, like the tenant's: a connection task keeps room for it.
+        Box::pin(self.inner.log.prepare(&key)).await;
+    }
+
+    /// A channel's `(epoch, head)` and its subscribers on this node.
+    pub fn channel_info(&self, tenant: &str, channel: &str) -> (String, u64, usize) {
+        let key = StreamKey::channel(tenant, channel);
+        let (epoch, head) = self.inner.log.head(&key);
+        let tenants = self.inner.tenants.read().unwrap_or_else(|p| p.into_inner());
+        let subscribers = tenants
+            .get(tenant)
+            .map_or(0, |t| t.lock().subscribers(channel).len());
+        (epoch, head, subscribers)
+    }
+
+    /// A page of a channel's history.
+    pub fn channel_history(
+        &self,
+        tenant: &str,
+        channel: &str,
+        since: u64,
+        epoch: Option<&str>,
+        limit: usize,
+    ) -> crate::log::Page {
+        let key = StreamKey::channel(tenant, channel);
+        self.inner.log.page(&key, since, epoch, limit)
+    }
+
+    /// Channels this node holds, and its connections' subscriptions.
+    pub fn channel_counts(&self) -> (usize, usize) {
+        (
+            self.inner.log.channel_count(),
+            self.inner.subscriptions.load(Ordering::Acquire),
+        )
     }
 
     /// Registers a connection of `user` (acting as `role`) in `tenant`, with its
@@ -212,6 +301,7 @@ impl Hub {
         role: Role,
         resume: Option<(u64, &str)>,
     ) -> Result<(Membership, Snapshot), Refusal> {
+        let resume = resume.map(|(since, epoch)| (since, Some(epoch)));
         let open = self.inner.open.fetch_add(1, Ordering::AcqRel);
         if open >= self.inner.limits.max_connections {
             self.inner.open.fetch_sub(1, Ordering::AcqRel);
@@ -266,7 +356,9 @@ impl Hub {
             tenant,
             id,
             user,
+            role,
             outbox,
+            subscriptions: None,
         };
         Ok((membership, snapshot))
     }
@@ -314,6 +406,9 @@ impl Hub {
             for (user, ids) in &state.users {
                 counts.insert(presence_field::user(&name, user), ids.len() as u64);
             }
+            for (channel, ids) in &state.channels {
+                counts.insert(presence_field::channel(&name, channel), ids.len() as u64);
+            }
         }
         counts
     }
@@ -347,7 +442,12 @@ impl Hub {
             .tenants
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        Arc::clone(tenants.entry(name.into()).or_default())
+        Arc::clone(tenants.entry(name.into()).or_insert_with(|| {
+            Arc::new(Tenant {
+                name: name.into(),
+                state: Mutex::default(),
+            })
+        }))
     }
 }
 
@@ -359,6 +459,29 @@ impl Tenant {
 }
 
 impl TenantState {
+    fn subscribers(&self, channel: &str) -> &[u64] {
+        self.channels.get(channel).map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Queues a channel's message for its subscribers; returns how many.
+    fn fan_out_channel(&self, channel: &str, envelope: &Arc<Envelope>) -> usize {
+        let ids = self.subscribers(channel);
+        for connection in ids.iter().filter_map(|id| self.connections.get(id)) {
+            connection.outbox.push(envelope);
+        }
+        ids.len()
+    }
+
+    /// Takes connection `id` out of `channel`'s subscribers.
+    fn leave_channel(&mut self, channel: &str, id: u64) {
+        if let Some(ids) = self.channels.get_mut(channel) {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.channels.remove(channel);
+            }
+        }
+    }
+
     /// Queues `envelope` for its addressees; returns how many connections it addressed.
     fn fan_out(&self, envelope: &Arc<Envelope>) -> usize {
         match &envelope.target {
@@ -387,9 +510,96 @@ impl TenantState {
     }
 }
 
+impl Membership {
+    /// Whether this connection follows `channel`.
+    pub fn follows(&self, channel: &str) -> bool {
+        self.subscriptions
+            .as_ref()
+            .is_some_and(|subs| subs.iter().any(|c| &**c == channel))
+    }
+
+    /// How many channels this connection follows.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.as_ref().map_or(0, |subs| subs.len())
+    }
+
+    /// Subscribes this connection to `channel`, with a replay from `resume`
+    /// (since, and the epoch if the client gave one). Taken under the
+    /// channel's cache lock with the registration, so every later message
+    /// of the channel reaches the outbox and every earlier one is in the
+    /// snapshot. Subscribing again first drops the old subscription and its
+    /// queued frames: one stream, never two. Call [`Hub::prepare_channel`] first.
+    pub fn subscribe(
+        &mut self,
+        channel: &str,
+        resume: Option<(u64, Option<&str>)>,
+        max: usize,
+    ) -> Result<Snapshot, SubscribeError> {
+        if self.follows(channel) {
+            self.unsubscribe(channel);
+        } else if self.subscription_count() >= max {
+            return Err(SubscribeError::TooMany);
+        }
+        let name: Arc<str> = Arc::from(channel);
+        let key = StreamKey::channel(&self.tenant.name, channel);
+        let join = || {
+            let mut state = self.tenant.lock();
+            let ids = state.channels.entry(Arc::clone(&name)).or_default();
+            ids.push(self.id);
+            Ok::<_, SubscribeError>(())
+        };
+        let hub = self.hub.clone();
+        let ((), snapshot) = hub
+            .inner
+            .log
+            .attach(&key, resume, &self.user, self.role, join)?;
+        self.subscriptions
+            .get_or_insert_with(Box::default)
+            .push(name);
+        hub.inner.subscriptions.fetch_add(1, Ordering::AcqRel);
+        hub.inner.metrics.channel_subscriptions.inc();
+        Ok(snapshot)
+    }
+
+    /// Ends the subscription to `channel` (if any) and drops its frames
+    /// still queued: none of that channel reaches the socket after this.
+    /// Returns whether it was subscribed.
+    pub fn unsubscribe(&mut self, channel: &str) -> bool {
+        let Some(subs) = self.subscriptions.as_mut() else {
+            return false;
+        };
+        let Some(at) = subs.iter().position(|c| &**c == channel) else {
+            return false;
+        };
+        subs.swap_remove(at);
+        if subs.is_empty() {
+            self.subscriptions = None;
+        }
+        self.tenant.lock().leave_channel(channel, self.id);
+        self.outbox.purge_channel(channel);
+        self.hub.inner.subscriptions.fetch_sub(1, Ordering::AcqRel);
+        self.hub.inner.metrics.channel_subscriptions.dec();
+        true
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         let mut state = self.tenant.lock();
+        if let Some(subs) = self.subscriptions.take() {
+            for channel in subs.iter() {
+                state.leave_channel(channel, self.id);
+            }
+            self.hub
+                .inner
+                .subscriptions
+                .fetch_sub(subs.len(), Ordering::AcqRel);
+            self.hub
+                .inner
+                .metrics
+                .channel_subscriptions
+                .dec_by(subs.len() as i64);
+        }
         state.connections.remove(&self.id);
         if let Some(ids) = state.users.get_mut(&self.user) {
             ids.retain(|id| *id != self.id);

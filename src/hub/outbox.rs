@@ -80,6 +80,14 @@ impl Outbox {
         self.waker.wake();
     }
 
+    /// Drops the queued frames of `channel` (after an unsubscribe).
+    pub fn purge_channel(&self, channel: &str) {
+        let mut state = self.lock();
+        state
+            .queue
+            .retain(|envelope| envelope.channel.as_deref() != Some(channel));
+    }
+
     /// Ready when there is something to take (frames, an overflow, a restart).
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());

@@ -33,8 +33,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::outbox::Taken;
 use super::wire::{self, ClientFrame};
-use super::{Hub, Membership, Refusal};
-use crate::auth::{unix_now, Authenticator, Claims};
+use super::{Hub, Membership, Refusal, SubscribeError};
+use crate::auth::{unix_now, Authenticator, Claims, Role};
+use crate::config::ChannelSettings;
 use crate::log::Envelope;
 use crate::shutdown::Shutdown;
 
@@ -78,6 +79,8 @@ pub struct SessionConfig {
     pub leeway: Duration,
     pub frame_rate: f64,
     pub frame_burst: f64,
+    /// `USER_CHANNELS` and `MAX_SUBSCRIPTIONS` (the history bounds are the log's).
+    pub channels: ChannelSettings,
 }
 
 /// A client's request to resume: `since` and `epoch` of the URL.
@@ -256,11 +259,18 @@ impl Session {
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Tick);
                 }
-                match ws.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(message))) => return Poll::Ready(Event::Inbound(message)),
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Event::ReadFailed(e)),
-                    Poll::Ready(None) => return Poll::Ready(Event::PeerGone),
-                    Poll::Pending => {}
+                // No client frame is taken while a replay is being written:
+                // a subscribe's replay must follow the one before it whole.
+                let reading = self.backlog.is_empty() && self.replay_summary.is_none();
+                if reading {
+                    match ws.poll_next_unpin(cx) {
+                        Poll::Ready(Some(Ok(message))) => {
+                            return Poll::Ready(Event::Inbound(message))
+                        }
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Event::ReadFailed(e)),
+                        Poll::Ready(None) => return Poll::Ready(Event::PeerGone),
+                        Poll::Pending => {}
+                    }
                 }
                 // Write what is queued and flush it in this same turn, and go on
                 // while more is queued: one wake-up per batch, not one per step.
@@ -280,6 +290,11 @@ impl Session {
                         }
                     }
                     if !self.dirty {
+                        if !reading && self.backlog.is_empty() && self.replay_summary.is_none() {
+                            // The replay is out: read again (nothing else
+                            // would wake us for the frames waiting there).
+                            cx.waker().wake_by_ref();
+                        }
                         return Poll::Pending;
                     }
                     match ws.poll_flush_unpin(cx) {
@@ -301,7 +316,11 @@ impl Session {
                     timer.as_mut().reset(self.next_deadline());
                     step
                 }
-                Event::Inbound(message) => self.on_message(ws, message),
+                Event::Inbound(message) => match self.on_message(ws, message) {
+                    Ok(Some(request)) => self.subscribe(ws, request).await,
+                    Ok(None) => Ok(()),
+                    Err(ending) => Err(ending),
+                },
                 Event::ReadFailed(error) => Err(read_failure(error)),
                 Event::PeerGone | Event::WriteFailed => Err(Ending::PeerGone),
                 Event::Ended(ending) => Err(ending),
@@ -409,7 +428,13 @@ impl Session {
             .min(self.last_heard + self.config.idle_timeout)
     }
 
-    fn on_message<S>(&mut self, ws: &mut WebSocketStream<S>, message: Message) -> Result<(), Ending>
+    /// Handles one client frame; a subscribe that may go ahead comes back
+    /// (boxed: the connection task keeps room for it) to be prepared.
+    fn on_message<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        message: Message,
+    ) -> Result<Option<Box<SubscribeRequest>>, Ending>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -423,10 +448,7 @@ impl Session {
             return Err(Ending::Close(close::TOO_MANY, "too many frames"));
         }
         match message {
-            Message::Text(text) => {
-                let reply = self.on_text(text.as_str());
-                self.send_text(ws, reply)
-            }
+            Message::Text(text) => self.on_text(ws, text.as_str()),
             Message::Binary(_) => Err(Ending::Close(
                 close::BINARY,
                 "binary frames are not supported",
@@ -434,21 +456,120 @@ impl Session {
             // tungstenite queued the pong; make sure it goes out.
             Message::Ping(_) => {
                 self.dirty = true;
-                Ok(())
+                Ok(None)
             }
-            Message::Pong(_) | Message::Frame(_) | Message::Close(_) => Ok(()),
+            Message::Pong(_) | Message::Frame(_) | Message::Close(_) => Ok(None),
         }
     }
 
     /// Answers one client text frame; a successful `refresh` replaces the
     /// connection's claims and expiry.
-    fn on_text(&mut self, text: &str) -> Utf8Bytes {
-        let (reply, refreshed) = answer(text, &self.config.auth, &self.claims);
-        if let Some(claims) = refreshed {
-            self.token_deadline = deadline_of(claims.exp, self.config.leeway);
-            self.claims = claims;
+    fn on_text<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        text: &str,
+    ) -> Result<Option<Box<SubscribeRequest>>, Ending>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match answer(text, &self.config.auth, &self.claims) {
+            Answer::Reply(reply, refreshed) => {
+                if let Some(claims) = refreshed {
+                    self.token_deadline = deadline_of(claims.exp, self.config.leeway);
+                    self.claims = claims;
+                }
+                self.send_text(ws, reply).map(|()| None)
+            }
+            Answer::Subscribe(request) => {
+                let channel = &request.channel;
+                let allowed = crate::channels::may_subscribe(
+                    self.claims.role == Role::Admin,
+                    self.claims.channels.as_deref(),
+                    &self.config.channels.user_channels,
+                    channel,
+                );
+                let refusal = if !allowed {
+                    Some(("forbidden", "this token may not subscribe to this channel"))
+                } else if !self.membership.follows(channel)
+                    && self.membership.subscription_count()
+                        >= self.config.channels.max_subscriptions
+                {
+                    Some((
+                        "too_many_subscriptions",
+                        "too many subscriptions on this connection",
+                    ))
+                } else {
+                    None
+                };
+                match refusal {
+                    Some((code, message)) => {
+                        let reply = wire::channel_error(code, message, channel);
+                        self.send_text(ws, reply).map(|()| None)
+                    }
+                    None => Ok(Some(request)),
+                }
+            }
+            Answer::Unsubscribe(channel) => {
+                self.membership.unsubscribe(&channel);
+                self.pending
+                    .retain(|envelope| envelope.channel.as_deref() != Some(&channel));
+                let reply = wire::control("unsubscribed", json!({"channel": channel}));
+                self.send_text(ws, reply).map(|()| None)
+            }
         }
-        reply
+    }
+
+    /// Subscribes to an allowed channel (SPEC §4.4): its replay goes out
+    /// first, then `subscribed`, then (from the outbox) its live frames; no
+    /// client frame is read until the replay is written.
+    async fn subscribe<S>(
+        &mut self,
+        ws: &mut WebSocketStream<S>,
+        request: Box<SubscribeRequest>,
+    ) -> Result<(), Ending>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let hub = self.config.hub.clone();
+        Box::pin(hub.prepare_channel(&self.claims.tenant, &request.channel)).await;
+        let channel = &request.channel;
+        let resubscribe = self.membership.follows(channel);
+        let resume = request.since.map(|since| (since, request.epoch.as_deref()));
+        let max = self.config.channels.max_subscriptions;
+        let snapshot = match self.membership.subscribe(channel, resume, max) {
+            Ok(snapshot) => snapshot,
+            Err(SubscribeError::TooMany) => {
+                let reply = wire::channel_error(
+                    "too_many_subscriptions",
+                    "too many subscriptions on this connection",
+                    channel,
+                );
+                return self.send_text(ws, reply);
+            }
+        };
+        if resubscribe {
+            // The old subscription's frames not written yet are gone with it.
+            self.pending
+                .retain(|envelope| envelope.channel.as_deref() != Some(&**channel));
+        }
+        let (from, complete, entries) = match snapshot.replay {
+            Some(replay) => (replay.from, replay.complete, replay.entries),
+            None => (snapshot.head, true, Vec::new()),
+        };
+        self.replay_summary = Some(wire::control(
+            "subscribed",
+            json!({
+                "channel": channel,
+                "epoch": snapshot.epoch,
+                "from": from,
+                "to": snapshot.head,
+                "count": entries.len(),
+                "complete": complete,
+            }),
+        ));
+        debug_assert!(self.backlog.is_empty(), "no frame is read during a replay");
+        self.backlog = entries.into();
+        Ok(())
     }
 
     fn send_text<S>(&mut self, ws: &mut WebSocketStream<S>, text: Utf8Bytes) -> Result<(), Ending>
@@ -487,10 +608,30 @@ pub fn write_buffer_limit(max_message_bytes: usize) -> usize {
         .saturating_add(64 * 1024)
 }
 
-/// The one answer to a client text frame (SPEC §4.2), and the claims that
-/// replace `current` when it was an accepted `refresh`. Pure, so every frame a
-/// client can send is tested without a socket.
-fn answer(text: &str, auth: &Authenticator, current: &Claims) -> (Utf8Bytes, Option<Claims>) {
+/// A well-formed `subscribe` frame, not yet authorized.
+#[derive(Debug)]
+struct SubscribeRequest {
+    channel: String,
+    since: Option<u64>,
+    epoch: Option<String>,
+}
+
+/// What a client text frame asks for.
+#[derive(Debug)]
+enum Answer {
+    /// The one frame to send back, and the claims that replace the current
+    /// ones when it was an accepted `refresh`.
+    Reply(Utf8Bytes, Option<Claims>),
+    Subscribe(Box<SubscribeRequest>),
+    Unsubscribe(String),
+}
+
+/// The longest epoch a client may send (ours are 32 hex digits).
+const MAX_EPOCH_LEN: usize = 64;
+
+/// The answer to a client text frame (SPEC §4.2, §4.4). Pure, so every frame
+/// a client can send is tested without a socket.
+fn answer(text: &str, auth: &Authenticator, current: &Claims) -> Answer {
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(frame) => frame,
         Err(_) => {
@@ -498,27 +639,79 @@ fn answer(text: &str, auth: &Authenticator, current: &Claims) -> (Utf8Bytes, Opt
                 "invalid_frame",
                 "frames must be JSON objects with a string \"type\"",
             );
-            return (reply, None);
+            return Answer::Reply(reply, None);
         }
     };
     match frame.kind.as_str() {
-        "ping" => (
+        "ping" => Answer::Reply(
             wire::control("pong", json!({"ts": wire::timestamp()})),
             None,
         ),
         "refresh" => match check_refresh(&frame.data, auth, current) {
-            Ok(claims) => (
+            Ok(claims) => Answer::Reply(
                 wire::control("refreshed", json!({"exp": claims.exp})),
                 Some(claims),
             ),
-            Err((code, message)) => (wire::error_frame(code, message), None),
+            Err((code, message)) => Answer::Reply(wire::error_frame(code, message), None),
+        },
+        "subscribe" => match parse_subscribe(&frame.data) {
+            Ok(request) => Answer::Subscribe(Box::new(request)),
+            Err(reply) => Answer::Reply(reply, None),
+        },
+        "unsubscribe" => match channel_of(&frame.data) {
+            Ok(channel) => Answer::Unsubscribe(channel.to_owned()),
+            Err(reply) => Answer::Reply(reply, None),
         },
         other => {
             let shown: String = other.chars().take(64).collect();
             let message = format!("unknown frame type '{shown}'");
-            (wire::error_frame("unknown_type", &message), None)
+            Answer::Reply(wire::error_frame("unknown_type", &message), None)
         }
     }
+}
+
+/// `data.channel` of a subscribe or unsubscribe: a channel name, never a pattern.
+fn channel_of(data: &serde_json::Value) -> Result<&str, Utf8Bytes> {
+    match data.get("channel").and_then(|c| c.as_str()) {
+        Some(name) if crate::channels::valid_name(name) => Ok(name),
+        Some(name) => {
+            let shown: String = name.chars().take(200).collect();
+            Err(wire::channel_error(
+                "invalid_frame",
+                "data.channel must be a channel name such as task:7f3a (no wildcards)",
+                &shown,
+            ))
+        }
+        None => Err(wire::error_frame(
+            "invalid_frame",
+            "data.channel must be a channel name such as task:7f3a",
+        )),
+    }
+}
+
+fn parse_subscribe(data: &serde_json::Value) -> Result<SubscribeRequest, Utf8Bytes> {
+    let channel = channel_of(data)?;
+    let invalid = |message| wire::channel_error("invalid_frame", message, channel);
+    let since = match data.get("since") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(since) => Some(
+            since
+                .as_u64()
+                .ok_or_else(|| invalid("data.since must be a non-negative integer"))?,
+        ),
+    };
+    let epoch = match data.get("epoch") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(epoch)) if epoch.len() <= MAX_EPOCH_LEN => {
+            Some(epoch.clone())
+        }
+        Some(_) => return Err(invalid("data.epoch must be a string of at most 64 bytes")),
+    };
+    Ok(SubscribeRequest {
+        channel: channel.to_owned(),
+        since,
+        epoch,
+    })
 }
 
 /// The claims of a refresh frame's token: it must be valid, for the same user,
@@ -633,7 +826,7 @@ mod tests {
         use proptest::prelude::*;
         use serde_json::Value;
 
-        use super::super::answer;
+        use super::super::{answer, Answer};
         use crate::auth::{Authenticator, Claims, Role};
         use crate::config::Settings;
 
@@ -689,11 +882,19 @@ mod tests {
                 Just(Value::from("ping")),
                 Just(Value::from("refresh")),
                 Just(Value::from("subscribe")),
+                Just(Value::from("unsubscribe")),
                 ".{0,80}".prop_map(Value::from),
                 json_value(),
             ];
             let data = prop_oneof![
                 json_value(),
+                (
+                    prop_oneof![Just("task:7f3a".to_owned()), "[a-z:*]{0,12}"],
+                    json_value()
+                )
+                    .prop_map(
+                        |(channel, since)| serde_json::json!({"channel": channel, "since": since})
+                    ),
                 (0..7usize).prop_map(|i| serde_json::json!({"token": i})),
             ];
             let object = (kind, data, any::<bool>()).prop_map(|(kind, data, with_data)| {
@@ -722,7 +923,18 @@ mod tests {
                     },
                     Err(_) => text,
                 };
-                let (reply, refreshed) = answer(&text, &world.auth, &world.current);
+                let (reply, refreshed) = match answer(&text, &world.auth, &world.current) {
+                    Answer::Reply(reply, refreshed) => (reply, refreshed),
+                    // Well-formed channel frames: the session takes them on.
+                    Answer::Subscribe(request) => {
+                        prop_assert!(crate::channels::valid_name(&request.channel));
+                        return Ok(());
+                    }
+                    Answer::Unsubscribe(channel) => {
+                        prop_assert!(crate::channels::valid_name(&channel));
+                        return Ok(());
+                    }
+                };
                 let reply: Value = serde_json::from_str(reply.as_str()).expect("answers are JSON");
                 let kind = reply["type"].as_str().expect("a string type");
                 prop_assert!(["pong", "refreshed", "error"].contains(&kind), "{reply}");

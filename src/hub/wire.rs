@@ -20,8 +20,24 @@ pub fn error_frame(code: &str, message: &str) -> Utf8Bytes {
     )
 }
 
+/// An error about one channel's subscribe or unsubscribe: it names the channel.
+pub fn channel_error(code: &str, message: &str, channel: &str) -> Utf8Bytes {
+    control(
+        "error",
+        serde_json::json!({"code": code, "message": message, "channel": channel}),
+    )
+}
+
 /// Types the server sends on its own; nobody may publish them.
-pub const RESERVED_TYPES: [&str; 5] = ["connected", "pong", "replay", "refreshed", "error"];
+pub const RESERVED_TYPES: [&str; 7] = [
+    "connected",
+    "pong",
+    "replay",
+    "refreshed",
+    "error",
+    "subscribed",
+    "unsubscribed",
+];
 
 /// A frame from the client, parsed just enough to dispatch on `type`.
 #[derive(Debug, Deserialize)]

@@ -70,6 +70,15 @@ impl StreamLog {
         self.head
     }
 
+    /// The newest messages after `since`, oldest first, at most `limit` of
+    /// them, for the history endpoint of a channel (whose messages are for
+    /// every subscriber); `complete` as in [`StreamLog::resume`].
+    pub fn page(&self, since: u64, epoch: &str, limit: usize) -> Replay {
+        let mut page = self.resume(since, epoch, "", crate::auth::Role::Admin);
+        page.entries.truncate(limit);
+        page
+    }
+
     /// Messages kept in history.
     pub fn len(&self) -> usize {
         self.history.len()
@@ -94,6 +103,10 @@ impl StreamLog {
             return false;
         }
         self.head = envelope.seq;
+        if self.capacity == 0 {
+            // A live-only channel (`CHANNEL_HISTORY=0`) keeps nothing.
+            return true;
+        }
         self.bytes = self.bytes.saturating_add(envelope.text.len());
         self.history.push_back(envelope);
         // Never below one message: the newest stays even if it alone is over.
@@ -129,7 +142,7 @@ impl StreamLog {
             to: self.head,
             complete: false,
         };
-        if epoch != self.epoch || since > self.head {
+        if epoch != self.epoch || since > self.head || self.capacity == 0 {
             return replay;
         }
         let oldest = self.history.front().map_or(self.head + 1, |e| e.seq);

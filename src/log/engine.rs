@@ -68,14 +68,18 @@ impl Engine {
             return Err(LogError::Invalid("the memory engine queues nothing".into()));
         };
         let message = StoredMessage {
-            tenant: store_name(key)?.to_owned(),
+            tenant: key.name(),
             seq: entry.envelope.seq,
             target: stored_target(&entry.envelope.target),
             kind: entry.envelope.kind.to_string(),
             body: entry.envelope.text.as_str().to_owned(),
             id: entry.id.to_owned(),
             ts_ms: entry.ts_ms,
-            view: ViewUpdate::of(&entry.envelope.kind, entry.data),
+            // Channels change no view: those follow the tenant log (SPEC §5).
+            view: match key.channel {
+                None => ViewUpdate::of(&entry.envelope.kind, entry.data),
+                Some(_) => None,
+            },
         };
         Ok(Box::pin(store.try_append(message, on_commit)?))
     }
@@ -91,7 +95,7 @@ impl Engine {
             Engine::Memory => Ok((epoch.to_owned(), 0)),
             Engine::Redis(redis) => redis.ensure(key, epoch).await,
             Engine::Sqlite(store) => Ok(store
-                .ensure_log_with_epoch(store_name(key)?, epoch.to_owned())
+                .ensure_log_with_epoch(&key.name(), epoch.to_owned())
                 .await?),
         }
     }
@@ -99,11 +103,15 @@ impl Engine {
     /// Every stored stream, rebuilt with its newest `history` messages of
     /// at most `history_bytes` in all. Blocking (reads the whole history):
     /// call it in `spawn_blocking`.
+    /// `bounds` gives a stream's `(messages, bytes)` (the store trims channel
+    /// logs by its own channel bounds already). Each stream comes with when
+    /// it was last written to (Unix ms).
     pub(super) fn load(
         &self,
         history: usize,
         history_bytes: usize,
-    ) -> Result<Vec<(StreamKey, StreamLog)>, LogError> {
+        bounds: impl Fn(&StreamKey) -> (usize, usize),
+    ) -> Result<Vec<(StreamKey, StreamLog, i64)>, LogError> {
         let Engine::Sqlite(store) = self else {
             return Ok(Vec::new());
         };
@@ -112,6 +120,9 @@ impl Engine {
             .into_iter()
             .map(|stored| {
                 let loaded_at = Instant::now();
+                let key = StreamKey::from_name(&stored.tenant);
+                let channel: Option<Arc<str>> = key.channel.as_deref().map(Arc::from);
+                let (history, history_bytes) = bounds(&key);
                 let envelopes = stored.history.into_iter().map(|message| {
                     Arc::new(Envelope {
                         seq: message.seq,
@@ -119,6 +130,7 @@ impl Engine {
                         kind: message.kind.into_boxed_str(),
                         text: Utf8Bytes::from(message.body),
                         published_at: loaded_at,
+                        channel: channel.clone(),
                     })
                 });
                 let log = StreamLog::restore(
@@ -128,7 +140,7 @@ impl Engine {
                     history,
                     history_bytes,
                 );
-                (StreamKey::tenant(&stored.tenant), log)
+                (key, log, stored.touched_ms)
             })
             .collect())
     }
@@ -142,16 +154,6 @@ pub(super) struct Entry<'a> {
     pub id: &'a str,
     pub ts_ms: i64,
     pub envelope: &'a Envelope,
-}
-
-/// The SQLite store keys logs by tenant; channel streams come with the next issue.
-fn store_name(key: &StreamKey) -> Result<&str, LogError> {
-    match &key.channel {
-        None => Ok(&key.tenant),
-        Some(_) => Err(LogError::Invalid(
-            "channel streams are not stored yet".into(),
-        )),
-    }
 }
 
 fn stored_target(target: &Target) -> StoredTarget {

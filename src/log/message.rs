@@ -1,6 +1,7 @@
 //! The message types the log owns: who a message is for ([`Target`]) and the
 //! serialized-once [`Envelope`] every engine, cache and connection shares.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -40,6 +41,8 @@ pub struct Envelope {
     pub text: Utf8Bytes,
     /// When the publish was accepted, for the delivery-latency histogram.
     pub published_at: Instant,
+    /// The channel of a channel's message (SPEC §4.4); `None` in a tenant log.
+    pub channel: Option<Arc<str>>,
 }
 
 /// The JSON shape of a delivered message (SPEC §4.2).
@@ -51,16 +54,33 @@ struct Wire<'a> {
     id: &'a str,
     seq: u64,
     ts: &'a str,
+    /// Last, after `ts`: [`Envelope::frame_around_seq`] finds the seq before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
 }
 
 impl Envelope {
     pub fn encode(kind: &str, data: &Value, id: &str, seq: u64, ts: &str, target: Target) -> Self {
+        Envelope::encode_in(None, kind, data, id, seq, ts, target)
+    }
+
+    /// [`Envelope::encode`] for a message of `channel` (its frame names it).
+    pub fn encode_in(
+        channel: Option<&Arc<str>>,
+        kind: &str,
+        data: &Value,
+        id: &str,
+        seq: u64,
+        ts: &str,
+        target: Target,
+    ) -> Self {
         let wire = Wire {
             kind,
             data,
             id,
             seq,
             ts,
+            channel: channel.map(|c| &**c),
         };
         let text =
             serde_json::to_string(&wire).expect("JSON values and plain strings always serialize");
@@ -70,23 +90,31 @@ impl Envelope {
             kind: kind.into(),
             text: Utf8Bytes::from(text),
             published_at: Instant::now(),
+            channel: channel.cloned(),
         }
     }
 
     /// The frame of a message whose `seq` an engine chooses later (the Redis
     /// script): the text before the seq and the text after it.
-    pub fn frame_around_seq(kind: &str, data: &Value, id: &str, ts: &str) -> (String, String) {
+    pub fn frame_around_seq(
+        channel: Option<&str>,
+        kind: &str,
+        data: &Value,
+        id: &str,
+        ts: &str,
+    ) -> (String, String) {
         let wire = Wire {
             kind,
             data,
             id,
             seq: 0,
             ts,
+            channel,
         };
         let mut text =
             serde_json::to_string(&wire).expect("JSON values and plain strings always serialize");
-        // `seq` follows `data` and `id` and precedes `ts`, which is a plain
-        // timestamp: the last match is the field itself.
+        // `seq` follows `data` and `id` and precedes `ts`, a plain timestamp,
+        // and the channel, whose name holds no `"`: the last match is the field.
         const MARK: &str = ",\"seq\":0,";
         let at = text.rfind(MARK).expect("the seq field is always written");
         let tail = text.split_off(at + MARK.len() - 1);
@@ -96,14 +124,14 @@ impl Envelope {
 
     /// A broadcast with empty data, for unit tests of the queues and logs.
     #[cfg(test)]
-    pub fn for_test(seq: u64) -> std::sync::Arc<Self> {
+    pub fn for_test(seq: u64) -> Arc<Self> {
         Envelope::for_test_with(seq, &serde_json::json!({}))
     }
 
     /// A broadcast of `data`, for unit tests of the queues and logs.
     #[cfg(test)]
-    pub fn for_test_with(seq: u64, data: &Value) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Envelope::encode(
+    pub fn for_test_with(seq: u64, data: &Value) -> Arc<Self> {
+        Arc::new(Envelope::encode(
             "t",
             data,
             "id",
@@ -154,8 +182,25 @@ mod tests {
     #[test]
     fn a_frame_split_around_its_seq_is_the_frame_with_that_seq() {
         let data = serde_json::json!({"text": "a \"seq\":0, b", "seq": 0});
-        let (head, tail) = Envelope::frame_around_seq("x", &data, "id-1", "ts");
+        let (head, tail) = Envelope::frame_around_seq(None, "x", &data, "id-1", "ts");
         let whole = Envelope::encode("x", &data, "id-1", 42, "ts", Target::Broadcast);
         assert_eq!(format!("{head}42{tail}"), whole.text.as_str());
+        let channel: Arc<str> = Arc::from("task:7");
+        let (head, tail) = Envelope::frame_around_seq(Some(&channel), "x", &data, "id-1", "ts");
+        let whole = Envelope::encode_in(
+            Some(&channel),
+            "x",
+            &data,
+            "id-1",
+            42,
+            "ts",
+            Target::Broadcast,
+        );
+        assert_eq!(format!("{head}42{tail}"), whole.text.as_str());
+        let parsed: Value = serde_json::from_str(whole.text.as_str()).unwrap();
+        assert_eq!(
+            (parsed["channel"].as_str(), parsed["seq"].as_u64()),
+            (Some("task:7"), Some(42))
+        );
     }
 }

@@ -18,14 +18,19 @@
 --       17 status, 18 query, 19 progress, 20 name (18-20: '' absent, else
 --       '=' and the value), 21 the message's data (JSON), 22 the pub/sub
 --       channel, 23 the publishing node (which counts its own recipients
---       exactly: its presence in Redis is up to a second old).
+--       exactly: its presence in Redis is up to a second old), 24 for a
+--       channel its CHANNEL_HISTORY_TTL in ms ('' for a tenant log): a
+--       channel is not in the set of streams, and its log and history
+--       expire that long after its last publish.
 local log, hist = KEYS[1], KEYS[2]
 
 local epoch = redis.call('HGET', log, 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', log, 'epoch', epoch, 'seq', 0, 'bytes', 0)
-  redis.call('SADD', KEYS[3], ARGV[2])
+  if ARGV[24] == '' then
+    redis.call('SADD', KEYS[3], ARGV[2])
+  end
 end
 local seq = redis.call('HINCRBY', log, 'seq', 1)
 
@@ -44,6 +49,10 @@ while count > 1 and (count > size or bytes > max_bytes) do
   count = count - 1
 end
 redis.call('HSET', log, 'bytes', bytes)
+if ARGV[24] ~= '' then
+  redis.call('PEXPIRE', log, ARGV[24])
+  redis.call('PEXPIRE', hist, ARGV[24])
+end
 
 -- The views (SPEC §5): an omitted field keeps its old value only when the
 -- old entry's audience covers the new one's. Besides the index of every

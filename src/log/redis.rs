@@ -91,13 +91,21 @@ impl std::fmt::Debug for RedisLog {
 }
 
 /// Creates a stream's log with the given epoch if it has none; returns
-/// `{epoch, seq}` as stored.
+/// `{epoch, seq}` as stored. A tenant log joins the set of streams; a
+/// channel (ARGV[3], its unborn grace in ms, not '') does not, and while it
+/// has no message it lives for that grace after its last ensure.
 const ENSURE: &str = r"
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'seq', 0, 'bytes', 0)
-  redis.call('SADD', KEYS[2], ARGV[2])
+  if ARGV[3] == '' then
+    redis.call('SADD', KEYS[2], ARGV[2])
+  end
 end
-return redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+local stored = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+if ARGV[3] ~= '' and tonumber(stored[2]) == 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return stored
 ";
 
 /// What a publish needs besides the message (the 202 of SPEC §3 comes from it).
@@ -147,14 +155,20 @@ impl RedisLog {
         data: &serde_json::Value,
         ts_ms: i64,
         limits: (usize, usize),
+        ttl_ms: Option<i64>,
     ) -> Result<Published, LogError> {
         let keys = self.redis.keys();
         let stream = Keys::stream_id(key);
-        let view = ViewArgs::of(kind, data).unwrap_or_default();
-        let presence = match target {
-            Target::Broadcast => presence_field::tenant(&key.tenant),
-            Target::Admins => presence_field::admins(&key.tenant),
-            Target::User(user) => presence_field::user(&key.tenant, user),
+        // Channels change no view (SPEC §5 follows the tenant log).
+        let view = match key.channel {
+            None => ViewArgs::of(kind, data).unwrap_or_default(),
+            Some(_) => ViewArgs::default(),
+        };
+        let presence = match (&key.channel, target) {
+            (Some(channel), _) => presence_field::channel(&key.tenant, channel),
+            (None, Target::Broadcast) => presence_field::tenant(&key.tenant),
+            (None, Target::Admins) => presence_field::admins(&key.tenant),
+            (None, Target::User(user)) => presence_field::user(&key.tenant, user),
         };
         let (to, role) = match target {
             Target::Broadcast => ("", ""),
@@ -195,7 +209,8 @@ impl RedisLog {
                 data.to_string()
             })
             .arg(keys.events())
-            .arg(self.redis.node());
+            .arg(self.redis.node())
+            .arg(ttl_ms.map_or(String::new(), |ttl| ttl.to_string()));
         let mut commands = self.redis.commands();
         let answer: Result<(String, u64, u64), _> = invocation.invoke_async(&mut commands).await;
         let (_epoch, seq, recipients) = answer.map_err(|e| {
@@ -216,6 +231,10 @@ impl RedisLog {
     ) -> Result<(String, u64), LogError> {
         let keys = self.redis.keys();
         let stream = Keys::stream_id(key);
+        let grace = match key.channel {
+            None => String::new(),
+            Some(_) => super::UNBORN_GRACE.as_millis().to_string(),
+        };
         let mut commands = self.redis.commands();
         let (epoch, head): (String, u64) = self
             .ensure
@@ -223,6 +242,7 @@ impl RedisLog {
             .key(keys.streams())
             .arg(epoch)
             .arg(&stream)
+            .arg(grace)
             .invoke_async(&mut commands)
             .await
             .map_err(unavailable)?;
@@ -252,6 +272,36 @@ impl RedisLog {
             .zip(metas)
             .filter_map(|(id, meta)| match meta {
                 (Some(epoch), Some(head)) => Some((Keys::stream_key(id), epoch, head)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The `(epoch, head)` of each of `streams` that Redis still has (channels,
+    /// which are not in the set of streams).
+    pub(super) async fn heads_of(
+        &self,
+        streams: &[StreamKey],
+    ) -> Result<Vec<(StreamKey, String, u64)>, LogError> {
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.redis.keys();
+        let mut pipe = redis::pipe();
+        for key in streams {
+            pipe.cmd("HMGET")
+                .arg(keys.log(&Keys::stream_id(key)))
+                .arg("epoch")
+                .arg("seq");
+        }
+        let mut commands = self.redis.commands();
+        let metas: Vec<(Option<String>, Option<u64>)> =
+            pipe.query_async(&mut commands).await.map_err(unavailable)?;
+        Ok(streams
+            .iter()
+            .zip(metas)
+            .filter_map(|(key, meta)| match meta {
+                (Some(epoch), Some(head)) => Some((key.clone(), epoch, head)),
                 _ => None,
             })
             .collect())
@@ -321,6 +371,7 @@ pub(super) fn parse_payload(payload: Bytes) -> Option<Incoming> {
     let frame = lines.next()?;
     let start = frame.as_ptr() as usize - text.as_ptr() as usize;
     let text = Utf8Bytes::try_from(payload.slice(start..)).ok()?;
+    let channel = stream.channel.as_deref().map(Arc::from);
     Some(Incoming {
         stream,
         epoch,
@@ -331,6 +382,7 @@ pub(super) fn parse_payload(payload: Bytes) -> Option<Incoming> {
             kind,
             text,
             published_at: Instant::now(),
+            channel,
         }),
     })
 }
@@ -578,27 +630,37 @@ pub(super) async fn fill<A: Apply>(
 /// this node has that Redis lost gets a new epoch now, so its connections
 /// are told at once instead of at the next publish.
 async fn catch_up<A: Apply>(engine: &RedisLog, log: &Weak<A>) -> Result<(), LogError> {
-    let heads = engine.heads().await?;
+    let mut heads = engine.heads().await?;
     let Some(log) = log.upgrade() else {
         return Ok(());
     };
-    for (stream, _, _) in log.local_heads() {
-        if !heads.iter().any(|(key, _, _)| *key == stream) {
-            let (epoch, head) = engine.ensure(&stream, &new_epoch()).await?;
+    let local: std::collections::HashMap<StreamKey, (String, u64)> = log
+        .local_heads()
+        .into_iter()
+        .map(|(key, epoch, head)| (key, (epoch, head)))
+        .collect();
+    // Channels are not in the set of streams: ask for those this node holds.
+    let channels: Vec<StreamKey> = local
+        .keys()
+        .filter(|key| key.channel.is_some())
+        .cloned()
+        .collect();
+    heads.extend(engine.heads_of(&channels).await?);
+    let in_redis: std::collections::HashSet<&StreamKey> =
+        heads.iter().map(|(key, _, _)| key).collect();
+    for stream in local.keys() {
+        if !in_redis.contains(stream) {
+            let (epoch, head) = engine.ensure(stream, &new_epoch()).await?;
             tracing::warn!(
                 tenant = &*stream.tenant,
                 "redis no longer has this log (restarted empty?); it starts over with a new epoch"
             );
-            log.resync(&stream, &epoch, head, Vec::new());
+            log.resync(stream, &epoch, head, Vec::new());
         }
     }
     for (stream, epoch, head) in heads {
-        let local = log
-            .local_heads()
-            .into_iter()
-            .find(|(key, _, _)| *key == stream);
-        let from = match local {
-            Some((_, local_epoch, local_head)) if local_epoch == epoch => local_head,
+        let from = match local.get(&stream) {
+            Some((local_epoch, local_head)) if *local_epoch == epoch => *local_head,
             Some(_) => {
                 // Redis has another epoch for it: what this node holds is gone.
                 log.resync(&stream, &epoch, 0, Vec::new());

@@ -102,6 +102,20 @@ pub async fn user_connections_elsewhere(
     tenant: &str,
     user: &str,
 ) -> Result<u64, RedisError> {
+    count_elsewhere(redis, &presence_field::user(tenant, user)).await
+}
+
+/// Subscribers of `channel` over every live node but this one.
+pub async fn channel_subscribers_elsewhere(
+    redis: &Redis,
+    tenant: &str,
+    channel: &str,
+) -> Result<u64, RedisError> {
+    count_elsewhere(redis, &presence_field::channel(tenant, channel)).await
+}
+
+/// The presence field `field` summed over every live node but this one.
+async fn count_elsewhere(redis: &Redis, field: &str) -> Result<u64, RedisError> {
     let keys = redis.keys();
     let mut commands = redis.commands();
     let since = now_ms() - NODE_TTL.as_millis() as i64;
@@ -114,10 +128,9 @@ pub async fn user_connections_elsewhere(
     if nodes.is_empty() {
         return Ok(0);
     }
-    let field = presence_field::user(tenant, user);
     let mut pipe = redis::pipe();
     for node in &nodes {
-        pipe.hget(keys.presence(node), &field);
+        pipe.hget(keys.presence(node), field);
     }
     let counts: Vec<Option<u64>> = pipe.query_async(&mut commands).await?;
     let counts = nodes

@@ -4,6 +4,7 @@
 mod accounts;
 mod api_keys;
 mod body;
+mod channels;
 mod ops;
 mod pages;
 mod publish;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// tungstenite settings of every upgraded socket (small buffers, frame limit).
     pub ws_config: WebSocketConfig,
     pub max_message_bytes: usize,
+    /// `USER_CHANNELS` and the other channel settings.
+    pub channels: crate::config::ChannelSettings,
     pub allowed_origins: Option<Vec<String>>,
     pub metrics_token: Option<Secret>,
     /// This node's `NODE_ID`, in stats.
@@ -67,6 +70,9 @@ pub fn all(
         .or(publish::broadcast_publish(shared.clone()))
         .or(publish::user_publish(shared.clone()))
         .or(publish::user_presence(shared.clone()))
+        .or(channels::channel_publish(shared.clone()))
+        .or(channels::channel_info(shared.clone()))
+        .or(channels::channel_history(shared.clone()))
         .or(views::tasks_list(shared.clone()))
         .or(views::agents_list(shared.clone()))
         .or(views::analytics_get(shared.clone()))

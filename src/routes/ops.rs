@@ -52,6 +52,7 @@ pub fn stats(
         .and(with_shared(shared))
         .map(|shared: Arc<Shared>| {
             let m = shared.hub.metrics();
+            let (channels, subscriptions) = shared.hub.channel_counts();
             warp::reply::json(&json!({"stats": {
                 "total_connections": m.connections_total.get(),
                 "current_connections": shared.hub.open_connections(),
@@ -61,6 +62,8 @@ pub fn stats(
                 "slow_consumer_disconnects": m.slow_consumer_disconnects.get(),
                 "auth_failures": m.auth_failures.get(),
                 "rate_limited": m.rate_limited.get(),
+                "channels": channels,
+                "subscriptions": subscriptions,
                 "uptime_s": m.uptime().as_secs(),
                 "node": shared.node,
             }}))
@@ -89,6 +92,8 @@ pub fn metrics(
                         )));
                     }
                 }
+                let (channels, _) = shared.hub.channel_counts();
+                shared.hub.metrics().channels.set(channels as i64);
                 let body = shared.hub.metrics().encode();
                 Ok::<_, Rejection>(warp::reply::with_header(
                     body,

@@ -26,7 +26,13 @@ pub fn broadcast_publish(
         .and(with_shared(shared))
         .then(
             |principal: Principal, body: PublishBody, shared: Arc<Shared>| async move {
-                publish(&shared, &principal, body, Target::Broadcast).await
+                publish(
+                    &shared,
+                    &principal,
+                    body,
+                    Destination::Tenant(Target::Broadcast),
+                )
+                .await
             },
         )
 }
@@ -42,7 +48,8 @@ pub fn user_publish(
         .and(with_shared(shared))
         .and_then(|user: String, principal: Principal, body: PublishBody, shared: Arc<Shared>| async move {
             let user = user_id(&user)?;
-            Ok::<_, Rejection>(publish(&shared, &principal, body, Target::User(user.into())).await)
+            let to = Destination::Tenant(Target::User(user.into()));
+            Ok::<_, Rejection>(publish(&shared, &principal, body, to).await)
         })
 }
 
@@ -81,7 +88,7 @@ pub fn user_presence(
 }
 
 /// The caller, who must be allowed to publish (admin JWT or API key).
-fn publisher(
+pub(super) fn publisher(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
@@ -113,22 +120,40 @@ pub struct PublishBody {
     data: Value,
 }
 
+/// Where a publish goes: the tenant's log (to whom in it), or one channel.
+pub(super) enum Destination {
+    Tenant(Target),
+    Channel(String),
+}
+
 /// Validates, publishes, and answers 202 once the message is committed —
 /// or 503 when the log could not take it (nothing of it was delivered).
-async fn publish(
+pub(super) async fn publish(
     shared: &Shared,
     principal: &Principal,
     body: PublishBody,
-    target: Target,
+    to: Destination,
 ) -> warp::reply::Response {
     let started = Instant::now();
     if let Err(e) = validate(&body.kind, &body.data) {
         return e.into_response();
     }
-    let published = shared
-        .hub
-        .publish(principal.tenant(), &body.kind, &body.data, target)
-        .await;
+    let tenant = principal.tenant();
+    let published = match &to {
+        Destination::Tenant(target) => {
+            let target = target.clone();
+            shared
+                .hub
+                .publish(tenant, &body.kind, &body.data, target)
+                .await
+        }
+        Destination::Channel(channel) => {
+            shared
+                .hub
+                .publish_to_channel(tenant, channel, &body.kind, &body.data)
+                .await
+        }
+    };
     let receipt = match published {
         Ok(receipt) => receipt,
         Err(error) => {
@@ -142,7 +167,16 @@ async fn publish(
         .metrics()
         .publish_duration
         .observe(started.elapsed().as_secs_f64());
-    warp::reply::with_status(warp::reply::json(&receipt), StatusCode::ACCEPTED).into_response()
+    let body = match &to {
+        Destination::Tenant(_) => json!(receipt),
+        Destination::Channel(channel) => json!({
+            "id": receipt.id,
+            "channel": channel,
+            "seq": receipt.seq,
+            "recipients": receipt.recipients,
+        }),
+    };
+    warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response()
 }
 
 /// A `userID` path segment: percent-decoded, 1-128 printable characters.

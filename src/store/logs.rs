@@ -12,9 +12,10 @@ use super::{
 };
 
 impl Store {
-    /// Every tenant's epoch and head and its newest `history` messages whose
+    /// Every log's epoch and head and its newest `history` messages whose
     /// bodies hold at most `history_bytes` in all (the newest one always),
-    /// oldest first, read in one snapshot. Blocking: meant for start-up, in
+    /// oldest first, read in one snapshot; channel logs by the store's
+    /// channel bounds instead. Blocking: meant for start-up, in
     /// `spawn_blocking`.
     pub fn load_logs(
         &self,
@@ -22,9 +23,28 @@ impl Store {
         history_bytes: usize,
     ) -> Result<Vec<LoadedLog>, StoreError> {
         self.check_open()?;
-        self.inner
-            .reads
-            .with(|conn| load(conn, history, history_bytes))
+        let bounds = Bounds {
+            tenant: (history, history_bytes),
+            channel: self.inner.channel_bounds,
+        };
+        self.inner.reads.with(|conn| load(conn, &bounds))
+    }
+
+    /// Deletes the log `name` (an expired channel) with its messages, after
+    /// the appends queued before and before those queued after. Does not
+    /// wait: a full queue or a closed store leaves the rows, which the next
+    /// start forgets again if they are still expired.
+    pub fn forget_log(&self, name: &str) -> Result<(), StoreError> {
+        self.check_open()?;
+        match self
+            .inner
+            .write_tx
+            .try_send(Request::Forget(name.to_owned()))
+        {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(StoreError::Busy("the write queue is full".into())),
+            Err(TrySendError::Closed(_)) => Err(StoreError::Closed),
+        }
     }
 
     /// The tenant's `(epoch, head)`, creating its log with a fresh random
@@ -110,18 +130,20 @@ fn ensure(conn: &Connection, tenant: &str, epoch: &str) -> Result<(String, u64),
     Ok((epoch, to_u64(head)))
 }
 
-fn load(
-    conn: &Connection,
-    history: usize,
-    history_bytes: usize,
-) -> Result<Vec<LoadedLog>, StoreError> {
-    let limit = i64::try_from(history).unwrap_or(i64::MAX);
+/// `(messages, bytes)` loaded per tenant log and per channel log.
+struct Bounds {
+    tenant: (usize, usize),
+    channel: (usize, usize),
+}
+
+fn load(conn: &Connection, bounds: &Bounds) -> Result<Vec<LoadedLog>, StoreError> {
     // One read transaction: every log from the same snapshot.
     let tx = conn.unchecked_transaction()?;
     let mut logs: Vec<LoadedLog> = tx
         .prepare(
             "SELECT tenant, epoch,
-                    max(head, coalesce((SELECT max(seq) FROM messages m WHERE m.tenant = logs.tenant), 0))
+                    max(head, coalesce((SELECT max(seq) FROM messages m WHERE m.tenant = logs.tenant), 0)),
+                    max(created_at, coalesce((SELECT max(ts_ms) FROM messages m WHERE m.tenant = logs.tenant), 0))
              FROM logs ORDER BY tenant",
         )?
         .query_map([], |row| {
@@ -130,6 +152,7 @@ fn load(
                 epoch: row.get(1)?,
                 head: to_u64(row.get(2)?),
                 history: Vec::new(),
+                touched_ms: row.get(3)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -139,6 +162,12 @@ fn load(
     )?;
     for log in &mut logs {
         let tenant = log.tenant.clone();
+        let (history, history_bytes) = if tenant.contains(super::CHANNEL_SEPARATOR) {
+            bounds.channel
+        } else {
+            bounds.tenant
+        };
+        let limit = i64::try_from(history).unwrap_or(i64::MAX);
         // Newest first, so the byte bound stops the read (the writer trims
         // lazily: the table may hold more than the bounds allow).
         let (mut kept, mut bytes) = (0usize, 0usize);
@@ -478,5 +507,43 @@ mod tests {
 
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.load_logs(1, usize::MAX).unwrap()[0].head, 100);
+    }
+
+    /// Channel logs (`tenant#channel`) load by the channel bounds, and a
+    /// forgotten one is gone with its messages while the tenant's stays.
+    #[tokio::test]
+    async fn channel_logs_load_by_their_own_bounds_and_forget_deletes_them() {
+        let dir = TempDir::new();
+        let options = StoreOptions {
+            channel_history: 3,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), options).unwrap();
+        store.ensure_log("acme").await.unwrap();
+        store.ensure_log("acme#task:1").await.unwrap();
+        append_all(&store, "acme", 1..=10).await;
+        append_all(&store, "acme#task:1", 1..=10).await;
+        let logs = store.load_logs(10_000, usize::MAX).unwrap();
+        let of = |name: &str| logs.iter().find(|l| l.tenant == name).unwrap();
+        assert_eq!(of("acme").history.len(), 10);
+        let channel = of("acme#task:1");
+        assert_eq!(channel.head, 10);
+        assert_eq!(
+            channel.history.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [8, 9, 10]
+        );
+        assert!(
+            channel.touched_ms >= 1_700_000_000_010,
+            "the newest message's time"
+        );
+
+        store.forget_log("acme#task:1").unwrap();
+        // A fresh log of the same name starts from seq 1 (queued after the forget).
+        store.ensure_log("acme#task:1").await.unwrap();
+        append_all(&store, "acme#task:1", 1..=1).await;
+        let logs = store.load_logs(10_000, usize::MAX).unwrap();
+        let channel = logs.iter().find(|l| l.tenant == "acme#task:1").unwrap();
+        assert_eq!((channel.head, channel.history.len()), (1, 1));
+        assert_eq!(logs.iter().find(|l| l.tenant == "acme").unwrap().head, 10);
     }
 }

@@ -171,6 +171,10 @@ pub struct StoreOptions {
     /// Bytes of message bodies kept per tenant log (`HISTORY_BYTES`), beside
     /// `history_size`: whichever is reached first.
     pub history_bytes: usize,
+    /// The same two bounds for channel logs (`CHANNEL_HISTORY`,
+    /// `CHANNEL_HISTORY_BYTES`): logs whose name holds [`CHANNEL_SEPARATOR`].
+    pub channel_history: usize,
+    pub channel_history_bytes: usize,
     pub durability: Durability,
     /// How often [`Durability::Normal`] fsyncs the WAL (`STORE_SYNC_INTERVAL`).
     pub wal_sync_interval: Duration,
@@ -181,6 +185,8 @@ impl Default for StoreOptions {
         StoreOptions {
             history_size: 10_000,
             history_bytes: 64 << 20,
+            channel_history: 1000,
+            channel_history_bytes: 4 << 20,
             durability: Durability::Normal,
             wal_sync_interval: Duration::from_secs(1),
         }
@@ -242,13 +248,21 @@ impl StoredTarget {
 /// One tenant log as found at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedLog {
+    /// The log's name: a tenant, or `tenant#channel` (see [`CHANNEL_SEPARATOR`]).
     pub tenant: String,
     pub epoch: String,
     /// The highest `seq` ever committed; the next publish gets `head + 1`.
     pub head: u64,
     /// The newest messages, oldest first.
     pub history: Vec<StoredMessage>,
+    /// When the log was last written to (its newest message, else its
+    /// creation), Unix ms: channels expire from it.
+    pub touched_ms: i64,
 }
+
+/// Between the tenant and the channel in the name of a channel's log
+/// (`acme#task:7f3a`); tenant names never hold it.
+pub const CHANNEL_SEPARATOR: char = '#';
 
 /// An account, without its secret.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -319,6 +333,8 @@ struct Inner {
     key_cache: Arc<KeyCache>,
     /// The WAL's periodic fsync ([`Durability::Normal`] only); stops with the last handle.
     wal_sync: Option<sync::WalSync>,
+    /// `(CHANNEL_HISTORY, CHANNEL_HISTORY_BYTES)`, for loading channel logs.
+    channel_bounds: (usize, usize),
 }
 
 impl Store {
@@ -362,6 +378,7 @@ impl Store {
                 touches,
                 key_cache: Arc::new(KeyCache::default()),
                 wal_sync,
+                channel_bounds: (options.channel_history, options.channel_history_bytes),
             }),
         })
     }

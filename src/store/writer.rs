@@ -52,6 +52,9 @@ pub(crate) enum Request {
     },
     /// Any other write (accounts, keys, logs), run in a savepoint.
     Job(Job),
+    /// Deletes a log and its messages (an expired channel), in queue order:
+    /// appends queued before it are gone with it, later ones start anew.
+    Forget(String),
     /// Wakes the writer to write pending `last_used_at` touches.
     Flush,
     /// Commit what came before, then stop; the sender hears when it is done.
@@ -129,6 +132,8 @@ struct Writer {
     history_size: u64,
     /// Bytes of bodies kept per tenant (`HISTORY_BYTES`), beside `history_size`.
     history_bytes: u64,
+    /// The two bounds of channel logs (names with [`CHANNEL_SEPARATOR`]).
+    channel_bounds: (u64, u64),
     /// Tenants that may hold more than `history_size` rows or `history_bytes`.
     trim_dirty: HashSet<String>,
     /// Rows appended since the last trim pass.
@@ -164,6 +169,10 @@ impl Writer {
             heads: HashMap::new(),
             history_size: u64::try_from(options.history_size).unwrap_or(u64::MAX),
             history_bytes: u64::try_from(options.history_bytes).unwrap_or(u64::MAX),
+            channel_bounds: (
+                u64::try_from(options.channel_history).unwrap_or(u64::MAX),
+                u64::try_from(options.channel_history_bytes).unwrap_or(u64::MAX),
+            ),
             trim_dirty,
             appended_since_trim: 0,
         })
@@ -279,6 +288,17 @@ impl Writer {
                     Err(error) => {
                         lost = self.lost(&error);
                         (job.finish)(Err(error));
+                    }
+                },
+                Request::Forget(name) => match forget(&self.conn, &name) {
+                    Ok(()) => {
+                        batch_heads.remove(&name);
+                        self.heads.remove(&name);
+                        self.trim_dirty.remove(&name);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "store: forgetting an expired log failed");
+                        lost = self.lost(&error);
                     }
                 },
                 Request::Flush | Request::Shutdown(_) => {}
@@ -491,7 +511,7 @@ impl Writer {
                 break;
             }
             let head = self.head(&tenant, batch_heads)?;
-            let by_count = head.saturating_sub(self.history_size);
+            let by_count = head.saturating_sub(self.bounds(&tenant).0);
             let cutoff = by_count.max(self.bytes_cutoff(&tenant)?);
             let Some(cutoff) = Some(cutoff).filter(|c| *c > 0) else {
                 self.trim_dirty.remove(&tenant);
@@ -526,23 +546,44 @@ impl Writer {
     /// not load the bodies. The newest row is kept whatever its size, as in
     /// the in-memory log.
     fn bytes_cutoff(&self, tenant: &str) -> Result<u64, StoreError> {
+        let (history_size, history_bytes) = self.bounds(tenant);
         let mut newest = self.conn.prepare_cached(
             "SELECT seq, octet_length(body) FROM messages
              WHERE tenant = ?1 ORDER BY seq DESC LIMIT ?2",
         )?;
-        let limit = i64::try_from(self.history_size).unwrap_or(i64::MAX);
+        let limit = i64::try_from(history_size).unwrap_or(i64::MAX);
         let mut rows = newest.query(params![tenant, limit])?;
         let (mut kept, mut bytes) = (0u64, 0u64);
         while let Some(row) = rows.next()? {
             let (seq, len): (i64, i64) = (row.get(0)?, row.get(1)?);
             kept += 1;
             bytes = bytes.saturating_add(u64::try_from(len).unwrap_or(0));
-            if kept > 1 && bytes > self.history_bytes {
+            if kept > 1 && bytes > history_bytes {
                 return Ok(u64::try_from(seq).unwrap_or(0));
             }
         }
         Ok(0)
     }
+}
+
+impl Writer {
+    /// `(messages, bytes)` kept of the log `name`: a tenant's or a channel's.
+    fn bounds(&self, name: &str) -> (u64, u64) {
+        if name.contains(super::CHANNEL_SEPARATOR) {
+            self.channel_bounds
+        } else {
+            (self.history_size, self.history_bytes)
+        }
+    }
+}
+
+/// Deletes the log `name` and its messages.
+fn forget(conn: &Connection, name: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM messages WHERE tenant = ?1")?
+        .execute([name])?;
+    conn.prepare_cached("DELETE FROM logs WHERE tenant = ?1")?
+        .execute([name])?;
+    Ok(())
 }
 
 /// Answers a request that will not run.
@@ -552,7 +593,7 @@ fn fail(request: Request, error: &StoreError) {
             let _ = done.send(Err(error.clone()));
         }
         Request::Job(job) => (job.finish)(Err(error.clone())),
-        Request::Flush => {}
+        Request::Flush | Request::Forget(_) => {}
         Request::Shutdown(done) => {
             let _ = done.send(());
         }

@@ -392,6 +392,7 @@ pub fn claims(sub: &str, role: Role, tenant: &str, ttl_s: i64) -> Claims {
         role,
         tenant: tenant.to_owned(),
         name: None,
+        channels: None,
     }
 }
 

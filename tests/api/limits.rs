@@ -104,7 +104,7 @@ async fn a_client_frame_flood_is_closed_with_4429() {
 /// Enough bytes to fill every buffer between the server and a client that does
 /// not read (its socket send buffer, the client's receive buffer) and then the
 /// outbound queue, whatever the server does first.
-fn bytes_to_overflow() -> usize {
+pub(crate) fn bytes_to_overflow() -> usize {
     let max_of = |path: &str, fallback: usize| {
         std::fs::read_to_string(path)
             .ok()

@@ -11,6 +11,9 @@
 //! - `durability`: the durable log across clean restarts, `kill -9` and a store
 //!   that cannot commit (issue 3);
 //! - `views`: tasks, agents and analytics (SPEC §5), visibility, restarts;
+//! - `channels`, `cluster_channels`: channels (SPEC §4.4, issue 10) on one node
+//!   and across nodes: seq per channel, exact subscribers, replay under load,
+//!   authorization, limits, expiry, slow subscribers, restarts, `kill -9`;
 //! - `cluster`, `cluster_nodes`: several nodes over one real Redis (SPEC §6): delivery,
 //!   Redis outages, the views on every node, a node killed and restarted;
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
@@ -27,7 +30,9 @@
 mod accounts;
 mod api_keys;
 mod auth;
+mod channels;
 mod cluster;
+mod cluster_channels;
 mod cluster_directory;
 mod cluster_nodes;
 mod durability;
