@@ -251,21 +251,15 @@ impl Authenticator {
         authorization: Option<&str>,
         api_key: Option<&str>,
     ) -> Result<Principal, ApiError> {
-        match Credential::from_headers(authorization, api_key) {
-            None => Err(ApiError::Unauthorized(AuthError::Missing)),
-            Some(Credential::ApiKey(key)) => api_key_principal(directory, key).await,
-            Some(Credential::Token(token)) => {
-                let claims = self.verify(token).map_err(ApiError::Unauthorized)?;
-                if !claims.is_admin() {
-                    return Err(ApiError::Forbidden("admin role required"));
-                }
-                Ok(Principal::User(claims))
+        let principal = self.principal(directory, authorization, api_key).await?;
+        if let Principal::User(claims) = &principal {
+            if !claims.is_admin() {
+                return Err(ApiError::Forbidden("admin role required"));
             }
         }
+        Ok(principal)
     }
-}
 
-impl Authenticator {
     /// The principal behind these headers: any valid JWT, or an active API
     /// key (for endpoints that both may read, like a channel's history).
     pub async fn principal(

@@ -736,8 +736,10 @@ impl Inner {
 
     /// One pass of the sweeper: expires idle channels, and drops from memory
     /// the channels without a message that nobody here follows and nobody
-    /// subscribed to for [`UNBORN_GRACE`] (SQLite: their rows too).
-    fn sweep(&self, now: i64) {
+    /// subscribed to for [`UNBORN_GRACE`] (SQLite: their rows too). Returns
+    /// the followed channels without a message, with their epochs: Redis
+    /// forgets those after a grace unless told again ([`redis::RedisLog::ensure`]).
+    fn sweep(&self, now: i64) -> Vec<(StreamKey, String)> {
         let channels: Vec<Arc<Stream>> = self
             .streams
             .read()
@@ -747,16 +749,24 @@ impl Inner {
             .cloned()
             .collect();
         let grace = i64::try_from(UNBORN_GRACE.min(self.channels.ttl).as_millis()).unwrap_or(0);
-        let mut unborn = Vec::new();
+        let (mut unborn, mut followed) = (Vec::new(), Vec::new());
         for stream in channels {
             self.expire_if_idle(&stream, now);
-            let idle = now.saturating_sub(stream.touched_ms.load(Ordering::Acquire)) >= grace;
-            if idle && stream.lock_cache().head() == 0 && self.followers(&stream.key) == 0 {
+            let (head, epoch) = {
+                let cache = stream.lock_cache();
+                (cache.head(), cache.epoch().to_owned())
+            };
+            if head > 0 {
+                continue;
+            }
+            if self.followers(&stream.key) > 0 {
+                followed.push((stream.key.clone(), epoch));
+            } else if now.saturating_sub(stream.touched_ms.load(Ordering::Acquire)) >= grace {
                 unborn.push(stream.key.clone());
             }
         }
         if unborn.is_empty() {
-            return;
+            return followed;
         }
         let mut streams = self.write_streams();
         for key in unborn {
@@ -774,6 +784,7 @@ impl Inner {
             }
             streams.remove(&key);
         }
+        followed
     }
 
     /// This node's connections following `key` (a channel's subscribers).
@@ -913,7 +924,13 @@ async fn sweep_channels(log: std::sync::Weak<Inner>) {
         let Some(inner) = log.upgrade() else {
             return;
         };
-        inner.sweep(now_ms());
+        let followed = inner.sweep(now_ms());
+        if let Engine::Redis(engine) = &inner.engine {
+            for (key, epoch) in followed {
+                // Unreachable Redis: the next pass tries again.
+                let _ = engine.ensure(&key, &epoch).await;
+            }
+        }
     }
 }
 

@@ -317,7 +317,9 @@ impl Session {
                     step
                 }
                 Event::Inbound(message) => match self.on_message(ws, message) {
-                    Ok(Some(request)) => self.subscribe(ws, request).await,
+                    // Boxed: every connection's task keeps room for its
+                    // largest await, and most never subscribe.
+                    Ok(Some(request)) => Box::pin(self.subscribe(ws, request)).await,
                     Ok(None) => Ok(()),
                     Err(ending) => Err(ending),
                 },
@@ -531,7 +533,8 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let hub = self.config.hub.clone();
-        Box::pin(hub.prepare_channel(&self.claims.tenant, &request.channel)).await;
+        hub.prepare_channel(&self.claims.tenant, &request.channel)
+            .await;
         let channel = &request.channel;
         let resubscribe = self.membership.follows(channel);
         let resume = request.since.map(|since| (since, request.epoch.as_deref()));

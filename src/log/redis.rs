@@ -231,9 +231,12 @@ impl RedisLog {
     ) -> Result<(String, u64), LogError> {
         let keys = self.redis.keys();
         let stream = Keys::stream_id(key);
+        // Twice the local grace: the sweeper tells it again for followed
+        // channels at least every minute, and a node that dropped an
+        // abandoned channel finds the same epoch here for a while.
         let grace = match key.channel {
             None => String::new(),
-            Some(_) => super::UNBORN_GRACE.as_millis().to_string(),
+            Some(_) => (2 * super::UNBORN_GRACE.as_millis()).to_string(),
         };
         let mut commands = self.redis.commands();
         let (epoch, head): (String, u64) = self

@@ -11,7 +11,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use super::body::json_body;
-use super::publish::{publish, publisher, Destination, PublishBody};
+use super::publish::{publish, publisher, reader, Destination, PublishBody};
 use super::{with_shared, Shared};
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
@@ -181,26 +181,4 @@ fn channel_name(segment: &str) -> Result<String, Rejection> {
             "channel must match ^[a-z][a-z0-9_-]{0,31}:[A-Za-z0-9_.:@=-]{1,128}$".into(),
         ))),
     }
-}
-
-/// The caller of a read that users and keys may both make: any valid JWT,
-/// or an API key.
-fn reader(shared: Arc<Shared>) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-        .and(warp::header::optional::<String>("x-api-key"))
-        .and(with_shared(shared))
-        .and_then(
-            |authorization: Option<String>, api_key: Option<String>, shared: Arc<Shared>| async move {
-                shared
-                    .auth
-                    .principal(&shared.directory, authorization.as_deref(), api_key.as_deref())
-                    .await
-                    .map_err(|e| {
-                        if matches!(e, ApiError::Unauthorized(_)) {
-                            shared.hub.metrics().auth_failures.inc();
-                        }
-                        warp::reject::custom(e)
-                    })
-            },
-        )
 }

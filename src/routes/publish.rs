@@ -91,16 +91,34 @@ pub fn user_presence(
 pub(super) fn publisher(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
+    caller(shared, true)
+}
+
+/// The caller of a read that users and keys may both make: any valid JWT,
+/// or an API key.
+pub(super) fn reader(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
+    caller(shared, false)
+}
+
+fn caller(
+    shared: Arc<Shared>,
+    publishing: bool,
+) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
         .and(warp::header::optional::<String>("x-api-key"))
         .and(with_shared(shared))
         .and_then(
-            |authorization: Option<String>, api_key: Option<String>, shared: Arc<Shared>| async move {
-                shared
-                    .auth
-                    .publisher(&shared.directory, authorization.as_deref(), api_key.as_deref())
-                    .await
-                    .map_err(|e| {
+            move |authorization: Option<String>, api_key: Option<String>, shared: Arc<Shared>| async move {
+                let (authorization, api_key) = (authorization.as_deref(), api_key.as_deref());
+                let auth = &shared.auth;
+                let principal = if publishing {
+                    auth.publisher(&shared.directory, authorization, api_key).await
+                } else {
+                    auth.principal(&shared.directory, authorization, api_key).await
+                };
+                principal.map_err(|e| {
                         if matches!(e, ApiError::Unauthorized(_)) {
                             shared.hub.metrics().auth_failures.inc();
                         }
