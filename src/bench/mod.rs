@@ -17,6 +17,17 @@
 //!   acknowledged publishes per second and POST latency p50/p99, which is
 //!   where the store's group commit shows (compare `LOG_STORE=sqlite` with
 //!   `LOG_STORE=memory` on the same machine).
+//! - **channels**: channel publishes (SPEC §4.4, issue 10): each connection
+//!   subscribes to a channel of its own, then publishes go round robin over the
+//!   channels with `--in-flight` POSTs at a time: acknowledged publishes per
+//!   second, POST and publish-to-receive latency, lost, misrouted (a frame of
+//!   another channel, or on a connection not subscribed to its channel) and
+//!   duplicated frames per channel `seq`, server CPU per publish and per delivery.
+//! - **stream**: what a page watching a run sees: `--channels` channels with
+//!   one subscriber each, small `output` frames (a streamed token) at `--rate`
+//!   per channel per second for `--duration`, paced: lost, duplicated,
+//!   publish-to-receive against the POST's own 202 latency, whether the
+//!   publishers kept the rate, server CPU per message and RSS.
 //!
 //! How: every connection is a real WebSocket authenticated with an HS256 token
 //! the tool mints with the server's secret, in a fresh tenant per run so runs and
@@ -27,7 +38,8 @@
 //! monotonic clock for both sides), its target user, and gets a `seq` from the
 //! server; receivers check the target, the `seq` order and the latency, and
 //! count per connection, so "lost" is exact: what the 202 answers promised
-//! minus what arrived, per connection. Server RSS and CPU come from
+//! minus what arrived, per connection (per channel in channel runs, where
+//! connection `i` is the one subscriber of channel `bench:<run>-<i>`). Server RSS and CPU come from
 //! `/proc/<pid>/status` and `/proc/<pid>/stat` when `--server-pid` is given.
 //!
 //! Several `--url`s (the nodes of a cluster): connection `i` goes to node
@@ -87,20 +99,27 @@ pub struct BenchArgs {
     #[arg(long)]
     pub publish_url: Option<String>,
 
-    /// WebSocket connections to open [default: idle 19000, fanout 10000, rate 1000, to-user 2000, publish 1].
+    /// WebSocket connections to open [default: idle 19000, fanout 10000, rate 1000, to-user 2000,
+    /// publish 1, channels 10000 (one channel each)]; stream: see --channels.
     #[arg(long)]
     pub conns: Option<usize>,
 
-    /// Messages to publish [default: fanout 200, to-user 20000, publish 100000, rate: rate × duration].
+    /// Channels of the stream scenario, one subscriber connection each [default: 200].
+    #[arg(long)]
+    pub channels: Option<usize>,
+
+    /// Messages to publish [default: fanout 200, to-user 20000, publish 100000, channels 100000,
+    /// rate: rate × duration, stream: rate × channels × duration].
     #[arg(long)]
     pub messages: Option<u64>,
 
-    /// Broadcasts per second in the rate scenario.
+    /// Broadcasts per second in the rate scenario; messages per second on each
+    /// channel in the stream scenario.
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
 
     /// How long idle connections are held before measuring (idle, default 5s), or how
-    /// long to publish (rate, default 10s).
+    /// long to publish (rate, default 10s; stream, default 60s).
     #[arg(long, value_parser = agentcast::units::parse_duration)]
     pub duration: Option<Duration>,
 
@@ -109,9 +128,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub users: Option<usize>,
 
-    /// POSTs in flight, each on its own keep-alive HTTP/1.1 connection.
-    #[arg(long, default_value_t = 8)]
-    pub in_flight: usize,
+    /// POSTs in flight, each on its own keep-alive HTTP/1.1 connection [default: 8;
+    /// channels 64; stream enough for 10 ms per POST at the target rate, at least 64].
+    #[arg(long)]
+    pub in_flight: Option<usize>,
 
     /// WebSocket handshakes in flight while connecting.
     #[arg(long, default_value_t = 200)]
@@ -161,6 +181,10 @@ pub enum Scenario {
     ToUser,
     /// Broadcasts as fast as --in-flight POSTs allow, one watcher: acks/s, POST p50/p99.
     Publish,
+    /// A channel per connection, publishes round robin over them: acks/s, lost, misrouted.
+    Channels,
+    /// Paced `output` frames on --channels channels: lost, latency against the 202's.
+    Stream,
 }
 
 impl Scenario {
@@ -171,6 +195,8 @@ impl Scenario {
             Scenario::Rate => "rate",
             Scenario::ToUser => "to-user",
             Scenario::Publish => "publish",
+            Scenario::Channels => "channels",
+            Scenario::Stream => "stream",
         }
     }
 }

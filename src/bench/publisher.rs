@@ -1,5 +1,8 @@
 //! The publishing side: admin POSTs over keep-alive HTTP/1.1 connections, one
 //! connection per in-flight slot, each message stamped with its send time.
+//! Paced plans (rate, stream) send message `i` at `i / rate` after the start;
+//! with targets taken round robin that spreads each target's messages evenly
+//! over the second, the targets' ticks interleaved instead of in bursts.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,16 +124,88 @@ pub enum Address {
     Broadcast,
     /// `users[i % users.len()]`.
     Users(Arc<[Arc<str>]>),
+    /// The subscribers of `channels[i % channels.len()]` (SPEC §4.4).
+    Channels(Arc<[Arc<str>]>),
+}
+
+impl Address {
+    /// The users or channels messages go to round robin (none for broadcasts).
+    fn targets(&self) -> &[Arc<str>] {
+        match self {
+            Address::Broadcast => &[],
+            Address::Users(targets) | Address::Channels(targets) => targets,
+        }
+    }
+
+    /// Message `i`'s path and the index of its target.
+    fn route(&self, i: u64) -> (String, Option<usize>) {
+        let targets = self.targets();
+        if targets.is_empty() {
+            return ("/api/v1/ws/broadcast".to_owned(), None);
+        }
+        let target = usize::try_from(i % targets.len() as u64).unwrap_or(0);
+        let path = match self {
+            Address::Channels(_) => format!("/api/v1/ws/channel/{}", targets[target]),
+            _ => format!("/api/v1/ws/user/{}", targets[target]),
+        };
+        (path, Some(target))
+    }
+}
+
+/// What a message carries besides the bench's stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// `{"type":"bench","data":{stamp}}`.
+    Bench,
+    /// A streamed model token as a run page gets it:
+    /// `{"type":"output","data":{"text":"tok tok tok tok tok ",stamp}}`.
+    Output,
+}
+
+/// The ~20 bytes of text of an `output` message.
+const OUTPUT_TEXT: &str = "tok tok tok tok tok ";
+
+impl Payload {
+    /// The `type` the messages are published (and received) with.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Payload::Bench => "bench",
+            Payload::Output => "output",
+        }
+    }
+
+    /// The POST body of message `i`, sent at `sent_ns`: `t` stamps the send
+    /// time, `i` the index, `u` the user or channel it was addressed to.
+    fn body(self, sent_ns: u64, i: u64, target: Option<&str>) -> String {
+        let text = match self {
+            Payload::Bench => String::new(),
+            Payload::Output => format!(r#""text":"{OUTPUT_TEXT}","#),
+        };
+        let target = target.map_or(String::new(), |t| format!(r#","u":"{t}""#));
+        format!(
+            r#"{{"type":"{}","data":{{{text}"t":{sent_ns},"i":{i}{target}}}}}"#,
+            self.kind()
+        )
+    }
 }
 
 /// What to publish and how fast.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub address: Address,
+    pub payload: Payload,
     pub messages: u64,
     /// Messages per second; `None` posts as fast as the slots allow.
     pub rate: Option<f64>,
+    /// A paced send this far behind its schedule counts as late (one tick of
+    /// a target in stream runs).
+    pub late_after: Duration,
     pub in_flight: usize,
+}
+
+/// When message `i` of a plan paced at `rate` per second is due, after the start.
+fn due(i: u64, rate: f64) -> Duration {
+    Duration::from_secs_f64(i as f64 / rate)
 }
 
 /// What the publishers saw, merged over all slots.
@@ -141,8 +216,8 @@ pub struct PublishReport {
     pub errors: BTreeMap<String, u64>,
     /// Sum of the `recipients` the 202 answers reported.
     pub recipients: u64,
-    /// Accepted messages per user index (user-addressed plans only).
-    pub per_user: Vec<u64>,
+    /// Accepted messages per target index (user- or channel-addressed plans only).
+    pub per_target: Vec<u64>,
     /// Accepted messages per publish node (index into the nodes published on).
     pub per_node: Vec<u64>,
     /// First send and last answer, on the run's clock.
@@ -150,8 +225,10 @@ pub struct PublishReport {
     pub last_done_ns: u64,
     /// Round-trip time of every POST.
     pub post_ns: Vec<u64>,
-    /// How late the most delayed message of a rate plan was sent.
+    /// How late the most delayed message of a paced plan was sent.
     pub max_lag_ns: u64,
+    /// Paced sends more than the plan's `late_after` behind schedule.
+    pub late: u64,
 }
 
 impl PublishReport {
@@ -165,7 +242,7 @@ impl PublishReport {
             *self.errors.entry(why).or_default() += n;
         }
         self.recipients += other.recipients;
-        add_counts(&mut self.per_user, other.per_user);
+        add_counts(&mut self.per_target, other.per_target);
         add_counts(&mut self.per_node, other.per_node);
         if other.first_send_ns != 0 {
             self.first_send_ns = match self.first_send_ns {
@@ -176,6 +253,7 @@ impl PublishReport {
         self.last_done_ns = self.last_done_ns.max(other.last_done_ns);
         self.post_ns.extend(other.post_ns);
         self.max_lag_ns = self.max_lag_ns.max(other.max_lag_ns);
+        self.late += other.late;
     }
 }
 
@@ -258,42 +336,30 @@ impl Slot {
             per_node: vec![0; self.clients.len()],
             ..PublishReport::default()
         };
-        if let Address::Users(users) = &self.plan.address {
-            report.per_user = vec![0; users.len()];
-        }
+        report.per_target = vec![0; self.plan.address.targets().len()];
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             if i >= self.plan.messages {
                 break;
             }
             if let Some(rate) = self.plan.rate {
-                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                let due = start + due(i, rate);
                 tokio::time::sleep_until(due).await;
                 let lag = tokio::time::Instant::now().saturating_duration_since(due);
                 report.max_lag_ns = report
                     .max_lag_ns
                     .max(lag.as_nanos().try_into().unwrap_or(u64::MAX));
-            }
-            let (path, target) = match &self.plan.address {
-                Address::Broadcast => ("/api/v1/ws/broadcast".to_owned(), None),
-                Address::Users(users) => {
-                    let user = usize::try_from(i).unwrap_or(usize::MAX) % users.len();
-                    (format!("/api/v1/ws/user/{}", users[user]), Some(user))
+                if lag > self.plan.late_after {
+                    report.late += 1;
                 }
-            };
+            }
+            let (path, target) = self.plan.address.route(i);
             let sent = self.clock.now_ns();
             if report.first_send_ns == 0 {
                 report.first_send_ns = sent;
             }
-            let body = match (&self.plan.address, target) {
-                (Address::Users(users), Some(user)) => {
-                    format!(
-                        r#"{{"type":"bench","data":{{"t":{sent},"i":{i},"u":"{}"}}}}"#,
-                        users[user]
-                    )
-                }
-                _ => format!(r#"{{"type":"bench","data":{{"t":{sent},"i":{i}}}}}"#),
-            };
+            let named = target.map(|t| &*self.plan.address.targets()[t]);
+            let body = self.plan.payload.body(sent, i, named);
             let node = round_robin(i, self.clients.len());
             let answer = self.clients[node]
                 .request(Method::POST, &path, Some(&self.token), Some(body.into()))
@@ -308,8 +374,8 @@ impl Slot {
                     if let Ok(accepted) = serde_json::from_slice::<Accepted>(&body) {
                         report.recipients += accepted.recipients;
                     }
-                    if let Some(user) = target {
-                        report.per_user[user] += 1;
+                    if let Some(target) = target {
+                        report.per_target[target] += 1;
                     }
                 }
                 Ok((status, body)) => {
@@ -338,7 +404,7 @@ mod tests {
             accepted: 2,
             first_send_ns: 50,
             last_done_ns: 90,
-            per_user: vec![1, 1],
+            per_target: vec![1, 1],
             per_node: vec![2],
             ..Default::default()
         };
@@ -347,7 +413,7 @@ mod tests {
             accepted: 3,
             first_send_ns: 40,
             last_done_ns: 70,
-            per_user: vec![2, 1],
+            per_target: vec![2, 1],
             per_node: vec![1, 2],
             ..Default::default()
         };
@@ -356,8 +422,84 @@ mod tests {
         total.merge(b);
         assert_eq!(total.accepted, 5);
         assert_eq!(total.failed(), 3);
-        assert_eq!(total.per_user, vec![3, 2]);
+        assert_eq!(total.per_target, vec![3, 2]);
         assert_eq!(total.per_node, vec![3, 2]);
         assert_eq!((total.first_send_ns, total.last_done_ns), (40, 90));
+    }
+
+    fn names(names: &[&str]) -> Arc<[Arc<str>]> {
+        names.iter().map(|&n| Arc::from(n)).collect()
+    }
+
+    #[test]
+    fn messages_go_round_robin_to_users_and_channels() {
+        assert_eq!(
+            Address::Broadcast.route(7),
+            ("/api/v1/ws/broadcast".to_owned(), None)
+        );
+        let users = Address::Users(names(&["u0", "u1"]));
+        assert_eq!(users.route(3), ("/api/v1/ws/user/u1".to_owned(), Some(1)));
+        let channels = Address::Channels(names(&["bench:r-0", "bench:r-1", "bench:r-2"]));
+        assert_eq!(
+            channels.route(4),
+            ("/api/v1/ws/channel/bench:r-1".to_owned(), Some(1))
+        );
+        assert_eq!(channels.route(6).1, Some(0));
+    }
+
+    #[test]
+    fn bodies_carry_the_stamp_and_the_target_as_json() {
+        let bench: serde_json::Value =
+            serde_json::from_str(&Payload::Bench.body(123, 4, Some("bench:r-1"))).unwrap();
+        assert_eq!(
+            bench,
+            serde_json::json!({"type": "bench", "data": {"t": 123, "i": 4, "u": "bench:r-1"}})
+        );
+        let plain: serde_json::Value =
+            serde_json::from_str(&Payload::Bench.body(5, 0, None)).unwrap();
+        assert_eq!(
+            plain,
+            serde_json::json!({"type": "bench", "data": {"t": 5, "i": 0}})
+        );
+        let output: serde_json::Value =
+            serde_json::from_str(&Payload::Output.body(9, 2, Some("bench:r-0"))).unwrap();
+        assert_eq!(output["type"], "output");
+        assert_eq!(output["data"]["text"], OUTPUT_TEXT);
+        assert_eq!(
+            (output["data"]["t"].as_u64(), output["data"]["i"].as_u64()),
+            (Some(9), Some(2))
+        );
+        assert!((18..=24).contains(&OUTPUT_TEXT.len()));
+    }
+
+    #[test]
+    fn a_paced_plan_spreads_each_channels_ticks_over_the_second() {
+        // 4 channels at 50/s each: 200/s in all, one message every 5 ms, and
+        // channel c's ticks every 20 ms starting at c × 5 ms, never in bursts.
+        let (channels, per_channel) = (4_u64, 50.0);
+        let rate = per_channel * channels as f64;
+        let address = Address::Channels(names(&["c:0", "c:1", "c:2", "c:3"]));
+        let mut ticks: Vec<Vec<Duration>> = vec![Vec::new(); channels as usize];
+        for i in 0..(rate as u64) {
+            let (_, target) = address.route(i);
+            ticks[target.unwrap()].push(due(i, rate));
+        }
+        for (c, ticks) in ticks.iter().enumerate() {
+            assert_eq!(ticks.len(), 50, "channel {c}: its rate within the second");
+            let first = ticks[0].as_secs_f64();
+            assert!(
+                (first - c as f64 * 0.005).abs() < 1e-9,
+                "channel {c} starts at {first}"
+            );
+            for pair in ticks.windows(2) {
+                let gap = (pair[1] - pair[0]).as_secs_f64();
+                assert!((gap - 0.020).abs() < 1e-9, "channel {c}: gap {gap}");
+            }
+            assert!(*ticks.last().unwrap() < Duration::from_secs(1));
+        }
+        for i in 1..(rate as u64) {
+            let gap = (due(i, rate) - due(i - 1, rate)).as_secs_f64();
+            assert!((gap - 0.005).abs() < 1e-9);
+        }
     }
 }

@@ -4,8 +4,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fleet::{ConnReport, Fleet};
-use super::publisher::{self, Address, HttpClient, Plan, PublishReport};
+use super::fleet::{ConnReport, Fleet, Listen};
+use super::publisher::{self, Address, HttpClient, Payload, Plan, PublishReport};
 use super::report::{bytes, count, duration, ms, per_second, round3, Spread, Summary};
 use super::server::{self, ProcProbe, ServerStats};
 use super::{load_secret, BenchArgs, Clock, Identity, Minter, Nodes, Scenario};
@@ -30,6 +30,8 @@ pub struct Bench {
     tenant: String,
     /// One per user; connection `i` logs in as `identities[i % len]`.
     identities: Vec<Identity>,
+    /// Channel runs: connection `i` subscribes to `channels[i]`, `bench:<run>-<i>`.
+    channels: Option<Arc<[Arc<str>]>>,
     admin_token: Arc<str>,
     server: ProcProbe,
     own: ProcProbe,
@@ -56,13 +58,33 @@ impl Bench {
         let clock = Clock(Instant::now());
         let scenario = args.scenario;
         let nodes = Nodes::parse(&args.url, args.publish_url.as_deref())?;
-        let conns = args.conns.unwrap_or(match scenario {
+        match (scenario, args.conns, args.channels) {
+            (Scenario::Stream, Some(_), _) => {
+                return Err(
+                    "--scenario stream opens one connection per channel: give --channels, not --conns"
+                        .into(),
+                )
+            }
+            (Scenario::Stream, _, _) | (_, _, None) => {}
+            (_, _, Some(_)) => {
+                return Err(
+                    "--channels is for --scenario stream (channels gives each of --conns connections a channel of its own)"
+                        .into(),
+                )
+            }
+        }
+        // Only one of the two is given (checked above): stream's is --channels.
+        let conns = args.conns.or(args.channels).unwrap_or(match scenario {
             Scenario::Idle => 19_000,
-            Scenario::Fanout => 10_000,
+            Scenario::Fanout | Scenario::Channels => 10_000,
             Scenario::Rate => 1_000,
             Scenario::ToUser => 2_000,
             Scenario::Publish => 1,
+            Scenario::Stream => 200,
         });
+        if conns == 0 {
+            return Err("--conns and --channels must be at least 1".into());
+        }
         let users = args.users.unwrap_or(match scenario {
             Scenario::ToUser => 500,
             _ => conns,
@@ -81,15 +103,35 @@ impl Bench {
             },
             Scenario::Fanout => (args.messages.unwrap_or(200), Duration::ZERO),
             Scenario::ToUser => (args.messages.unwrap_or(20_000), Duration::ZERO),
-            Scenario::Publish => (args.messages.unwrap_or(100_000), Duration::ZERO),
+            Scenario::Publish | Scenario::Channels => {
+                (args.messages.unwrap_or(100_000), Duration::ZERO)
+            }
+            // --rate is per channel here: all channels together get rate × channels.
+            Scenario::Stream => {
+                let total = args.rate * conns as f64;
+                match args.messages {
+                    Some(m) => (m, Duration::from_secs_f64(m as f64 / total)),
+                    None => {
+                        let d = args.duration.unwrap_or(Duration::from_secs(60));
+                        ((d.as_secs_f64() * total).round() as u64, d)
+                    }
+                }
+            }
         };
-        if conns == 0 || users == 0 || args.in_flight == 0 || args.connect_concurrency == 0 {
+        let in_flight = args.in_flight.unwrap_or(match scenario {
+            Scenario::Channels => 64,
+            // Enough slots to keep the rate with 10 ms per POST.
+            Scenario::Stream => ((args.rate * conns as f64 / 100.0).ceil() as usize).max(64),
+            _ => 8,
+        });
+        if conns == 0 || users == 0 || in_flight == 0 || args.connect_concurrency == 0 {
             return Err(
-                "--conns, --users, --in-flight and --connect-concurrency must be at least 1".into(),
+                "--conns, --channels, --users, --in-flight and --connect-concurrency must be at least 1"
+                    .into(),
             );
         }
         // Every connection is a descriptor here, plus publishers and the runtime's own.
-        let needed = (conns + args.in_flight * nodes.publish.len() + 64) as u64;
+        let needed = (conns + in_flight * nodes.publish.len() + 64) as u64;
         if needed > open_files {
             return Err(format!(
                 "{conns} connections need about {needed} open files but the limit is {open_files}: \
@@ -114,6 +156,13 @@ impl Bench {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let admin_token = minter.mint("bench-admin", "admin")?.into();
+        // A run id of its own, so runs in one --tenant never share a channel.
+        let channels = matches!(scenario, Scenario::Channels | Scenario::Stream).then(|| {
+            let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
+            (0..conns)
+                .map(|i| Arc::from(format!("bench:{run}-{i}")))
+                .collect::<Arc<[Arc<str>]>>()
+        });
 
         let mut summary = Summary::default();
         summary.set("scenario", scenario.name());
@@ -152,6 +201,7 @@ impl Bench {
             clock,
             tenant,
             identities,
+            channels,
             admin_token,
             server,
             own,
@@ -160,7 +210,7 @@ impl Bench {
             messages,
             rate: args.rate,
             duration,
-            in_flight: args.in_flight,
+            in_flight,
             concurrency: args.connect_concurrency,
             timeout: args.timeout,
             json: args.json,
@@ -201,7 +251,12 @@ impl Bench {
             ));
         }
         let start = self.snapshot();
-        let fleet = self.connect().await?;
+        let fleet = self
+            .connect(Listen {
+                kind: Payload::Bench.kind(),
+                channels: None,
+            })
+            .await?;
         let connected = fleet.progress.connected.load(Ordering::Relaxed);
         let connect_end = self.snapshot();
         self.note_other_load(&start, &connect_end);
@@ -278,25 +333,46 @@ impl Bench {
         Ok(())
     }
 
-    /// Fan-out, rate and to-user: publish, then count what arrived where and when.
+    /// Every scenario but idle: publish, then count what arrived where and when.
     async fn traffic(&mut self, stats: Option<ServerStats>) -> Result<(), String> {
-        let fleet = self.connect().await?;
+        let payload = match self.scenario {
+            Scenario::Stream => Payload::Output,
+            _ => Payload::Bench,
+        };
+        let fleet = self
+            .connect(Listen {
+                kind: payload.kind(),
+                channels: self.channels.clone(),
+            })
+            .await?;
         // What each publish addresses: the connections open when publishing starts.
-        let alive = fleet.progress.alive_by_user();
-        let address = match self.scenario {
-            Scenario::ToUser => Address::Users(
+        let alive = fleet.progress.alive_by_target();
+        let address = match (&self.channels, self.scenario) {
+            (Some(channels), _) => Address::Channels(channels.clone()),
+            (None, Scenario::ToUser) => Address::Users(
                 self.identities
                     .iter()
                     .map(|id| id.user_id.clone())
                     .collect(),
             ),
-            _ => Address::Broadcast,
+            (None, _) => Address::Broadcast,
         };
         let broadcast = matches!(address, Address::Broadcast);
+        let (rate, late_after) = match self.scenario {
+            Scenario::Rate => (Some(self.rate), Duration::from_secs_f64(1.0 / self.rate)),
+            // One tick of a channel: a send that late bunches that channel's frames.
+            Scenario::Stream => (
+                Some(self.rate * self.conns as f64),
+                Duration::from_secs_f64(1.0 / self.rate),
+            ),
+            _ => (None, Duration::MAX),
+        };
         let plan = Plan {
             address,
+            payload,
             messages: self.messages,
-            rate: (self.scenario == Scenario::Rate).then_some(self.rate),
+            rate,
+            late_after,
             in_flight: self.in_flight,
         };
         let stats_before = server::stats(&mut self.http).await.or(stats);
@@ -334,7 +410,7 @@ impl Bench {
             published.accepted * alive.iter().sum::<u64>()
         } else {
             published
-                .per_user
+                .per_target
                 .iter()
                 .zip(&alive)
                 .map(|(sent, open)| sent * open)
@@ -384,21 +460,28 @@ impl Bench {
         let wall = end.at_ns - start.at_ns;
         if let (Some(before), Some(after)) = (start.server, end.server) {
             let cpu = self.server.cpu_seconds(before, after);
+            let percent = cpu * 1e11 / wall.max(1) as f64;
             let per_delivery_us = cpu * 1e6 / tally.received.max(1) as f64;
+            let per_publish_us = cpu * 1e6 / published.accepted.max(1) as f64;
             self.summary.line(
                 "server",
                 format!(
-                    "CPU {cpu:.2} s ({:.0}% of a core over {}) = {per_delivery_us:.2} µs per delivery; RSS {} -> peak {}",
-                    cpu * 1e11 / wall.max(1) as f64,
+                    "CPU {cpu:.2} s ({percent:.0}% of a core over {}) = {per_delivery_us:.2} µs per delivery, \
+                     {per_publish_us:.2} µs per publish; RSS {} -> peak {}, {} at the end",
                     duration(wall),
                     bytes(before.rss_bytes as f64),
-                    bytes(peak_rss as f64)
+                    bytes(peak_rss as f64),
+                    bytes(after.rss_bytes as f64)
                 ),
             );
             self.summary.set("server_cpu_s", round3(cpu));
+            self.summary.set("server_cpu_percent", round3(percent));
             self.summary
                 .set("server_cpu_per_delivery_us", round3(per_delivery_us));
+            self.summary
+                .set("server_cpu_per_publish_us", round3(per_publish_us));
             self.summary.set("server_rss_peak_bytes", peak_rss);
+            self.summary.set("server_rss_end_bytes", after.rss_bytes);
         }
         if let (Some(before), Some(after)) = (stats_before, stats_after) {
             let sent = after.messages_sent.saturating_sub(before.messages_sent);
@@ -476,13 +559,18 @@ impl Bench {
         }
     }
 
-    /// Opens the connections and reports how that went.
-    async fn connect(&mut self) -> Result<Fleet, String> {
+    /// Opens the connections (subscribed, in channel runs) and reports how that went.
+    async fn connect(&mut self, listen: Listen) -> Result<Fleet, String> {
         eprintln!(
-            "connecting {} WebSockets ({} users, {} handshakes in flight)…",
+            "connecting {} WebSockets ({} users, {} handshakes in flight{})…",
             count(self.conns as u64),
             count(self.identities.len() as u64),
-            self.concurrency
+            self.concurrency,
+            if listen.channels.is_some() {
+                ", each subscribing to a channel of its own"
+            } else {
+                ""
+            }
         );
         let started = self.clock.now_ns();
         let fleet = Fleet::open(
@@ -491,6 +579,7 @@ impl Bench {
             self.conns,
             self.concurrency,
             self.clock,
+            &listen,
         )
         .await;
         let took = self.clock.now_ns() - started;
@@ -500,9 +589,14 @@ impl Bench {
         self.summary.line(
             "connect",
             format!(
-                "{}/{} open in {} ({rate:.0}/s), {} failed",
+                "{}/{} open{} in {} ({rate:.0}/s), {} failed",
                 count(connected),
                 count(self.conns as u64),
+                if listen.channels.is_some() {
+                    " and subscribed, one channel each,"
+                } else {
+                    ""
+                },
                 duration(took),
                 count(failed)
             ),
@@ -556,6 +650,9 @@ impl Bench {
         for (why, n) in errors.into_iter().take(5) {
             self.summary.line("", format!("{} x {why}", count(*n)));
         }
+        if self.scenario == Scenario::Stream {
+            self.report_pace(published, rate);
+        }
         if self.scenario == Scenario::Rate {
             self.summary.line(
                 "schedule",
@@ -576,6 +673,48 @@ impl Bench {
         self.summary.set("posts_per_s", rate.round());
     }
 
+    /// Stream runs: the paced schedule against what the publishers achieved.
+    /// `achieved`: accepted publishes per second over the publishing.
+    fn report_pace(&mut self, published: &PublishReport, achieved: f64) {
+        let channels = self.conns as f64;
+        let target = self.rate * channels;
+        let pace = Pace::judge(target, achieved, published.failed());
+        self.summary.line(
+            "schedule",
+            format!(
+                "target {}/s on each of {} channels = {}/s for {}: achieved {}/s{}; \
+                 {} sends more than one channel tick ({}) late, the latest {} behind schedule",
+                self.rate,
+                count(self.conns as u64),
+                count(target.round() as u64),
+                duration(nanos(self.duration)),
+                count(achieved.round() as u64),
+                if pace.kept { "" } else { " (behind)" },
+                count(published.late),
+                duration(nanos(Duration::from_secs_f64(1.0 / self.rate))),
+                duration(published.max_lag_ns)
+            ),
+        );
+        if !pace.kept {
+            self.summary.note(format!(
+                "the publishers did not keep the rate: {}/s of {}/s ({:.0}%); raise --in-flight ({} now), \
+                 or the server (or this machine) is the limit",
+                count(achieved.round() as u64),
+                count(target.round() as u64),
+                pace.share * 100.0,
+                self.in_flight
+            ));
+        }
+        self.summary.set("channels", self.conns as u64);
+        self.summary.set("rate_per_channel", self.rate);
+        self.summary.set("rate_target", round3(target));
+        self.summary.set("publishes_per_s", achieved.round());
+        self.summary.set("kept_rate", pace.kept);
+        self.summary.set("late_sends", published.late);
+        self.summary
+            .set("schedule_lag_max_ms", ms(published.max_lag_ns));
+    }
+
     fn report_deliveries(&mut self, tally: &Tally, published: &PublishReport) {
         let took = tally.last_recv_ns.saturating_sub(published.first_send_ns);
         let rate = per_second(tally.received, took);
@@ -592,13 +731,33 @@ impl Bench {
                 count(tally.misrouted)
             ),
         );
-        if let Some(latency) = Spread::of(tally.latencies.clone()) {
+        let latency = Spread::of(tally.latencies.clone());
+        if let Some(latency) = latency {
             let mut text = format!("publish->receive {}", latency.describe());
-            if self.scenario != Scenario::Rate {
+            if !matches!(self.scenario, Scenario::Rate | Scenario::Stream) {
                 text.push_str(" (publishing as fast as possible: includes queueing)");
             }
             self.summary.line("latency", text);
             latency.set(&mut self.summary, "latency");
+        }
+        // What a subscriber waits beyond the publisher's own answer: the
+        // delivery path's share of the latency.
+        let channel_run = matches!(self.scenario, Scenario::Channels | Scenario::Stream);
+        let posts = channel_run
+            .then(|| Spread::of(published.post_ns.clone()))
+            .flatten();
+        if let (Some(latency), Some(posts)) = (latency, posts) {
+            let beyond = latency.p99 as f64 / 1e6 - posts.p99 as f64 / 1e6;
+            self.summary.line(
+                "",
+                format!(
+                    "POST 202 p50 {}, p99 {}: receive p99 - 202 p99 = {beyond:+.3} ms",
+                    duration(posts.p50),
+                    duration(posts.p99)
+                ),
+            );
+            self.summary
+                .set("receive_minus_post_p99_ms", round3(beyond));
         }
         if tally.dropped_before > 0 {
             self.summary.note(format!(
@@ -733,6 +892,26 @@ impl Bench {
     }
 }
 
+/// Whether a paced run kept its rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pace {
+    kept: bool,
+    /// Achieved over target.
+    share: f64,
+}
+
+impl Pace {
+    /// Kept: no publish failed and at least 98% of the target rate was achieved
+    /// (the last POSTs' answers end the window, so a kept rate reads about 100%).
+    fn judge(target: f64, achieved: f64, failed: u64) -> Pace {
+        let share = if target > 0.0 { achieved / target } else { 0.0 };
+        Pace {
+            kept: failed == 0 && share >= 0.98,
+            share,
+        }
+    }
+}
+
 /// CPU and memory readings at one moment.
 struct Snapshot {
     at_ns: u64,
@@ -800,7 +979,11 @@ impl Tally {
             let expected = if broadcast {
                 published.accepted
             } else {
-                published.per_user[report.user]
+                published
+                    .per_target
+                    .get(report.target)
+                    .copied()
+                    .unwrap_or(0)
             };
             tally.expected += expected;
             tally.received += report.received;
@@ -891,11 +1074,11 @@ mod tests {
         let published = PublishReport {
             accepted: 3,
             first_send_ns: 100,
-            per_user: vec![3, 1],
+            per_target: vec![3, 1],
             ..Default::default()
         };
-        let conn = |user, received, dropped_ns| ConnReport {
-            user,
+        let conn = |target, received, dropped_ns| ConnReport {
+            target,
             connected: true,
             received,
             dropped_ns,
@@ -915,6 +1098,119 @@ mod tests {
 
         let broadcast = Tally::of(vec![conn(0, 3, None), conn(1, 2, None)], &published, true);
         assert_eq!((broadcast.expected, broadcast.lost), (6, 1));
+    }
+
+    fn prepared(argv: &[&str]) -> Result<Bench, String> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let mut full = vec!["bench", "--secret", "bench-secret-bench-secret"];
+        full.extend_from_slice(argv);
+        let args = Cli::try_parse_from(full).map_err(|e| e.to_string())?.bench;
+        Bench::prepare(args, 1 << 20)
+    }
+
+    #[test]
+    fn channels_runs_give_every_connection_a_channel_of_its_own() {
+        let bench = prepared(&["--scenario", "channels"]).unwrap();
+        assert_eq!(
+            (bench.conns, bench.messages, bench.in_flight),
+            (10_000, 100_000, 64)
+        );
+        let channels = bench.channels.as_ref().unwrap();
+        assert_eq!(channels.len(), 10_000);
+        let run = channels[0].strip_suffix("-0").unwrap();
+        assert_eq!(&*channels[9_999], format!("{run}-9999"));
+        // SPEC §4.4's channel names: `<namespace>:<id>`.
+        let id = run.strip_prefix("bench:").unwrap();
+        assert!(
+            id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{run}"
+        );
+        // A second run in the same tenant gets other channels.
+        let again = prepared(&["--scenario", "channels", "--conns", "3", "--tenant", "t"]).unwrap();
+        assert_eq!(again.channels.as_ref().unwrap().len(), 3);
+        assert_ne!(again.channels.unwrap()[0], channels[0]);
+        assert!(prepared(&["--scenario", "fanout"])
+            .unwrap()
+            .channels
+            .is_none());
+    }
+
+    #[test]
+    fn stream_runs_take_channels_rate_and_duration() {
+        let bench = prepared(&["--scenario", "stream"]).unwrap();
+        // 200 channels × 50/s × 60 s, and slots for 10 ms per POST at 10,000/s.
+        assert_eq!((bench.conns, bench.identities.len()), (200, 200));
+        assert_eq!(bench.messages, 600_000);
+        assert_eq!(bench.duration, Duration::from_secs(60));
+        assert_eq!(bench.in_flight, 100);
+        let small = prepared(&[
+            "--scenario",
+            "stream",
+            "--channels",
+            "20",
+            "--rate",
+            "10",
+            "--duration",
+            "3s",
+        ])
+        .unwrap();
+        assert_eq!(
+            (small.conns, small.messages, small.in_flight),
+            (20, 600, 64)
+        );
+        let counted = prepared(&[
+            "--scenario",
+            "stream",
+            "--channels",
+            "4",
+            "--messages",
+            "100",
+        ]);
+        assert_eq!(counted.unwrap().duration, Duration::from_millis(500));
+        let error = |argv: &[&str]| prepared(argv).err().unwrap_or_default();
+        assert!(error(&["--scenario", "stream", "--conns", "5"]).contains("--channels"));
+        assert!(error(&["--scenario", "channels", "--channels", "5"]).contains("stream"));
+        assert!(error(&["--scenario", "stream", "--channels", "0"]).contains("at least 1"));
+        assert!(error(&["--scenario", "stream", "--rate", "0"]).contains("--rate"));
+    }
+
+    #[test]
+    fn a_pace_is_kept_at_the_target_rate_with_nothing_failed() {
+        assert!(Pace::judge(10_000.0, 10_004.0, 0).kept);
+        assert!(Pace::judge(10_000.0, 9_850.0, 0).kept);
+        let behind = Pace::judge(10_000.0, 7_500.0, 0);
+        assert!(!behind.kept);
+        assert!((behind.share - 0.75).abs() < 1e-9);
+        assert!(!Pace::judge(10_000.0, 10_000.0, 3).kept);
+        assert!(!Pace::judge(0.0, 0.0, 0).kept);
+    }
+
+    #[test]
+    fn channel_tallies_hold_each_connection_to_its_channels_publishes() {
+        // Three channels, one subscriber each: 2, 1 and 0 publishes accepted.
+        let published = PublishReport {
+            accepted: 3,
+            first_send_ns: 100,
+            per_target: vec![2, 1, 0],
+            ..Default::default()
+        };
+        let conn = |target, received| ConnReport {
+            target,
+            connected: true,
+            received,
+            latencies_ns: vec![5; received as usize],
+            ..Default::default()
+        };
+        let tally = Tally::of(vec![conn(0, 2), conn(1, 0), conn(2, 0)], &published, false);
+        assert_eq!((tally.expected, tally.received, tally.lost), (3, 2, 1));
+        // A connection whose target is out of range was addressed nothing.
+        let stray = Tally::of(vec![conn(7, 0)], &published, false);
+        assert_eq!((stray.expected, stray.lost), (0, 0));
     }
 
     #[test]

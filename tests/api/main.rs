@@ -26,11 +26,14 @@
 //! - `cluster_directory`: accounts and API keys shared through Redis by several
 //!   nodes (signup, revoke, the bootstrap admin, tenants, Redis down);
 //! - `hardening_http`: issue 8's HTTP and account findings (lockout, signup limit,
-//!   forged alerts, errors on keep-alive connections, loose validation).
+//!   forged alerts, errors on keep-alive connections, loose validation);
+//! - `bench`: the load tool's channel scenarios (issue 10) run against the real
+//!   binary, checked through their `--json` figures.
 
 mod accounts;
 mod api_keys;
 mod auth;
+mod bench;
 mod channels;
 mod cluster;
 mod cluster_channels;
