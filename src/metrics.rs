@@ -48,8 +48,10 @@ pub struct Metrics {
     pub channel_subscriptions: Gauge,
     /// Messages published to channels, by namespace (see [`Metrics::channel_published`]).
     channel_messages: Family<Vec<(String, String)>, Counter<u64, AtomicU64>>,
-    /// The namespaces that have a label of their own, at most [`NAMESPACE_LABELS`].
-    namespaces: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The counters of the namespaces that have a label of their own (at
+    /// most [`NAMESPACE_LABELS`]), so a publish finds its counter without
+    /// building a label set.
+    namespaces: std::sync::Mutex<std::collections::HashMap<String, Counter<u64, AtomicU64>>>,
 }
 
 /// Namespaces that get a label of their own; later ones count as `other`,
@@ -59,18 +61,24 @@ pub const NAMESPACE_LABELS: usize = 32;
 impl Metrics {
     /// Counts a message published to a channel of `namespace`.
     pub fn channel_published(&self, namespace: &str) {
-        let label = {
-            let mut known = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
-            if known.contains(namespace) || known.len() < NAMESPACE_LABELS {
-                known.insert(namespace.to_owned());
-                namespace.to_owned()
-            } else {
-                "other".to_owned()
-            }
+        let mut known = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(counter) = known.get(namespace) {
+            counter.inc();
+            return;
+        }
+        let label = if known.len() < NAMESPACE_LABELS {
+            namespace
+        } else {
+            "other"
         };
-        self.channel_messages
-            .get_or_create(&vec![("namespace".to_owned(), label)])
-            .inc();
+        let counter = self
+            .channel_messages
+            .get_or_create(&vec![("namespace".to_owned(), label.to_owned())])
+            .clone();
+        counter.inc();
+        if label == namespace {
+            known.insert(namespace.to_owned(), counter);
+        }
     }
 
     pub fn new() -> Self {

@@ -546,4 +546,27 @@ mod tests {
         assert_eq!((channel.head, channel.history.len()), (1, 1));
         assert_eq!(logs.iter().find(|l| l.tenant == "acme").unwrap().head, 10);
     }
+
+    /// The head is written to the log's row only before a trim (not at every
+    /// commit): a log trimmed to nothing (`CHANNEL_HISTORY=0`) still
+    /// continues from its head after a restart.
+    #[tokio::test]
+    async fn a_log_trimmed_to_nothing_keeps_its_head_across_a_reopen() {
+        let dir = TempDir::new();
+        let options = || StoreOptions {
+            channel_history: 0,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), options()).unwrap();
+        store.ensure_log("acme#run:1").await.unwrap();
+        // The last commit trims every row: the head lives in the row alone.
+        let total = u64::try_from(TRIM_EVERY).unwrap();
+        append_all(&store, "acme#run:1", 1..=total).await;
+        store.close().await;
+        let store = Store::open_with(dir.path(), options()).unwrap();
+        let logs = store.load_logs(10_000, usize::MAX).unwrap();
+        assert_eq!((logs[0].head, logs[0].history.len()), (total, 0));
+        let (_, head) = store.ensure_log("acme#run:1").await.unwrap();
+        assert_eq!(head, total);
+    }
 }

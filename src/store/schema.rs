@@ -151,6 +151,10 @@ pub(crate) fn configure_writer(
         "PRAGMA foreign_keys = ON;
          -- Cap the WAL file kept on disk after a checkpoint (bytes).
          PRAGMA journal_size_limit = 67108864;
+         -- Up to 32 MiB of pages in memory: appends to many logs (channels)
+         -- land all over the messages index, and with SQLite's 2 MiB default
+         -- each one read its pages back from the OS.
+         PRAGMA cache_size = -32768;
          PRAGMA temp_store = MEMORY;",
     )?;
     Ok(())

@@ -305,11 +305,6 @@ impl Writer {
             }
         }
         if lost.is_none() {
-            if let Err(error) = self.write_heads(&batch_heads) {
-                lost = Some(error);
-            }
-        }
-        if lost.is_none() {
             if let Err(error) = self.write_touches(&touches) {
                 tracing::warn!(%error, "store: could not record api key use");
                 lost = self.lost(&error);
@@ -474,14 +469,15 @@ impl Writer {
         Ok(head)
     }
 
-    fn write_heads(&self, batch_heads: &HashMap<String, u64>) -> Result<(), StoreError> {
-        let mut update = self
-            .conn
-            .prepare_cached("UPDATE logs SET head = ?2 WHERE tenant = ?1 AND head < ?2")?;
-        for (tenant, head) in batch_heads {
-            // Every head here came from a seq already checked to fit an i64.
-            update.execute(params![tenant, i64::try_from(*head).unwrap_or(i64::MAX)])?;
-        }
+    /// Records `head` in the log's row. A log's head is the larger of that
+    /// row and its newest message, so this is only needed before a trim
+    /// deletes rows (which may be all of them, with a bound of 0): not one
+    /// UPDATE per log per commit, which for many channels was one per message.
+    fn write_head(&self, tenant: &str, head: u64) -> Result<(), StoreError> {
+        // Every head here came from a seq already checked to fit an i64.
+        self.conn
+            .prepare_cached("UPDATE logs SET head = ?2 WHERE tenant = ?1 AND head < ?2")?
+            .execute(params![tenant, i64::try_from(head).unwrap_or(i64::MAX)])?;
         Ok(())
     }
 
@@ -528,6 +524,7 @@ impl Writer {
             };
             // seqs are unique integers, so this range holds at most `budget` rows.
             let upto = cutoff.min(oldest.saturating_add(budget - 1));
+            self.write_head(&tenant, head)?;
             let deleted = self
                 .conn
                 .prepare_cached("DELETE FROM messages WHERE tenant = ?1 AND seq <= ?2")?
