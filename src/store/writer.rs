@@ -136,6 +136,11 @@ struct Writer {
     channel_bounds: (u64, u64),
     /// Tenants that may hold more than `history_size` rows or `history_bytes`.
     trim_dirty: HashSet<String>,
+    /// Bytes of bodies each log holds, where known (logs created or measured
+    /// since the start): a trim walks a log's newest rows for the byte bound
+    /// only when it is over it, not at every pass (with many busy channels
+    /// that walk was most of the writer's time).
+    log_bytes: HashMap<String, u64>,
     /// Rows appended since the last trim pass.
     appended_since_trim: usize,
 }
@@ -174,6 +179,7 @@ impl Writer {
                 u64::try_from(options.channel_history_bytes).unwrap_or(u64::MAX),
             ),
             trim_dirty,
+            log_bytes: HashMap::new(),
             appended_since_trim: 0,
         })
     }
@@ -295,6 +301,7 @@ impl Writer {
                         batch_heads.remove(&name);
                         self.heads.remove(&name);
                         self.trim_dirty.remove(&name);
+                        self.log_bytes.remove(&name);
                     }
                     Err(error) => {
                         tracing::warn!(%error, "store: forgetting an expired log failed");
@@ -344,6 +351,7 @@ impl Writer {
                 tracing::error!(%error, "store: a transaction failed, its writes are refused");
                 self.rollback();
                 self.heads.clear();
+                self.log_bytes.clear();
                 for entry in done {
                     match entry {
                         Done::Message { done, .. } => {
@@ -418,6 +426,15 @@ impl Writer {
             None => {
                 batch_heads.insert(message.tenant.clone(), message.seq);
             }
+        }
+        let body = u64::try_from(message.body.len()).unwrap_or(u64::MAX);
+        match self.log_bytes.get_mut(&message.tenant) {
+            Some(bytes) => *bytes = bytes.saturating_add(body),
+            // A log without a message yet: its size is known from here on.
+            None if head == 0 => {
+                self.log_bytes.insert(message.tenant.clone(), body);
+            }
+            None => {}
         }
         self.appended_since_trim += 1;
         if !self.trim_dirty.contains(&message.tenant) {
@@ -507,8 +524,14 @@ impl Writer {
                 break;
             }
             let head = self.head(&tenant, batch_heads)?;
-            let by_count = head.saturating_sub(self.bounds(&tenant).0);
-            let cutoff = by_count.max(self.bytes_cutoff(&tenant)?);
+            let (history_size, history_bytes) = self.bounds(&tenant);
+            let by_count = head.saturating_sub(history_size);
+            let by_bytes = if self.bytes_of(&tenant)? > history_bytes {
+                self.bytes_cutoff(&tenant)?
+            } else {
+                0
+            };
+            let cutoff = by_count.max(by_bytes);
             let Some(cutoff) = Some(cutoff).filter(|c| *c > 0) else {
                 self.trim_dirty.remove(&tenant);
                 continue;
@@ -525,16 +548,47 @@ impl Writer {
             // seqs are unique integers, so this range holds at most `budget` rows.
             let upto = cutoff.min(oldest.saturating_add(budget - 1));
             self.write_head(&tenant, head)?;
-            let deleted = self
-                .conn
-                .prepare_cached("DELETE FROM messages WHERE tenant = ?1 AND seq <= ?2")?
-                .execute(params![tenant, i64::try_from(upto).unwrap_or(i64::MAX)])?;
-            budget = budget.saturating_sub(u64::try_from(deleted).unwrap_or(u64::MAX));
+            let (deleted, freed) = self.delete_through(&tenant, upto)?;
+            if let Some(bytes) = self.log_bytes.get_mut(&tenant) {
+                *bytes = bytes.saturating_sub(freed);
+            }
+            budget = budget.saturating_sub(deleted);
             if upto == cutoff {
                 self.trim_dirty.remove(&tenant);
             }
         }
         Ok(())
+    }
+
+    /// Bytes of bodies `tenant` holds: remembered, or counted once.
+    fn bytes_of(&mut self, tenant: &str) -> Result<u64, StoreError> {
+        if let Some(bytes) = self.log_bytes.get(tenant) {
+            return Ok(*bytes);
+        }
+        let bytes: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT coalesce(sum(octet_length(body)), 0) FROM messages WHERE tenant = ?1",
+            )?
+            .query_row([tenant], |row| row.get(0))?;
+        let bytes = u64::try_from(bytes).unwrap_or(0);
+        self.log_bytes.insert(tenant.to_owned(), bytes);
+        Ok(bytes)
+    }
+
+    /// Deletes the rows of `tenant` up to seq `upto`; returns how many and
+    /// the bytes of their bodies.
+    fn delete_through(&self, tenant: &str, upto: u64) -> Result<(u64, u64), StoreError> {
+        let mut delete = self.conn.prepare_cached(
+            "DELETE FROM messages WHERE tenant = ?1 AND seq <= ?2 RETURNING octet_length(body)",
+        )?;
+        let mut rows = delete.query(params![tenant, i64::try_from(upto).unwrap_or(i64::MAX)])?;
+        let (mut deleted, mut bytes) = (0u64, 0u64);
+        while let Some(row) = rows.next()? {
+            deleted += 1;
+            bytes = bytes.saturating_add(u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0));
+        }
+        Ok((deleted, bytes))
     }
 
     /// The newest seq of `tenant` the byte bound drops (0: none), walking
