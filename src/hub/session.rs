@@ -816,6 +816,48 @@ mod tests {
         assert!(!bucket.take(Instant::now()));
     }
 
+    /// Every open connection is one of these futures: what it holds is
+    /// what an idle connection costs (issue 10: at most 5 KiB each at 19k,
+    /// RSS included, with channels that most connections never use).
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        use crate::auth::Role;
+        use crate::config::Settings;
+        use crate::hub::{Hub, Limits};
+        use crate::log::{Engine, Log};
+        let settings = Settings::for_tests("/nonexistent");
+        let limits = Limits {
+            send_queue: 16,
+            max_connections: 10,
+            max_connections_per_user: 10,
+        };
+        let log = Log::new(Engine::Memory, 100, usize::MAX);
+        let config = Arc::new(SessionConfig {
+            hub: Hub::new(limits, Arc::new(crate::metrics::Metrics::new()), log),
+            auth: Arc::new(Authenticator::new(&settings).unwrap()),
+            shutdown: Shutdown::new(),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            heartbeat: Duration::from_secs(25),
+            leeway: Duration::ZERO,
+            frame_rate: 10.0,
+            frame_burst: 50.0,
+            channels: settings.channels.clone(),
+        });
+        let (socket, _peer) = tokio::io::duplex(64);
+        let ws = WebSocketStream::from_raw_socket(
+            socket,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let claims = Claims::new("u", Role::User, "t", Duration::from_secs(60));
+        let connection = run(ws, config, claims, None);
+        let size = std::mem::size_of_val(&connection);
+        // 1,832 bytes before channels, 1,960 with them (debug build).
+        assert!(size <= 2048, "the connection future is {size} bytes");
+    }
+
     #[test]
     fn a_deadline_far_in_the_future_does_not_overflow() {
         let deadline = deadline_of(u64::MAX, Duration::from_secs(30));
