@@ -219,7 +219,7 @@ where
 {
     match admission {
         Admission::Accept(claims, resume) => {
-            session::run(ws, shared.sessions.clone(), claims, resume).await
+            session::run(ws, shared.sessions.clone(), Box::new(claims), resume).await
         }
         Admission::Refuse(code, reason) => session::close_socket(&mut ws, code, reason).await,
     }
