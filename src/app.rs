@@ -105,11 +105,7 @@ pub async fn serve(
         (None, LogStoreKind::Sqlite) => Engine::Sqlite(store.clone()),
         (None, LogStoreKind::Memory) => Engine::Memory,
     };
-    let channels = ChannelBounds {
-        history: settings.channels.history,
-        history_bytes: settings.channels.history_bytes,
-        ttl: settings.channels.ttl,
-    };
+    let channels = ChannelBounds::from(&settings.channels);
     let log = Log::with_channels(
         engine,
         settings.history_size,

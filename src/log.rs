@@ -124,13 +124,20 @@ pub struct ChannelBounds {
     pub ttl: Duration,
 }
 
-impl Default for ChannelBounds {
-    fn default() -> Self {
+impl From<&crate::config::ChannelSettings> for ChannelBounds {
+    fn from(settings: &crate::config::ChannelSettings) -> Self {
         ChannelBounds {
-            history: 1000,
-            history_bytes: 4 << 20,
-            ttl: Duration::from_secs(24 * 3600),
+            history: settings.history,
+            history_bytes: settings.history_bytes,
+            ttl: settings.ttl,
         }
+    }
+}
+
+impl Default for ChannelBounds {
+    /// The settings' defaults: one home for those numbers.
+    fn default() -> Self {
+        ChannelBounds::from(&crate::config::ChannelSettings::default())
     }
 }
 

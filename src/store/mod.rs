@@ -45,6 +45,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::auth::Role;
+use crate::config::ChannelSettings;
 
 pub(crate) use accounts::new_user;
 pub use accounts::{
@@ -185,8 +186,8 @@ impl Default for StoreOptions {
         StoreOptions {
             history_size: 10_000,
             history_bytes: 64 << 20,
-            channel_history: 1000,
-            channel_history_bytes: 4 << 20,
+            channel_history: ChannelSettings::default().history,
+            channel_history_bytes: ChannelSettings::default().history_bytes,
             durability: Durability::Normal,
             wal_sync_interval: Duration::from_secs(1),
         }
