@@ -15,8 +15,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use agentcast::config::{
-    self, parse_bytes, parse_duration, parse_switch, AccountSettings, ChannelSettings, ConfigError,
-    LogStoreKind, Patterns, RedisSettings, Secret, Settings, StoreSync,
+    self, parse_bytes, parse_duration, parse_switch, AccountSettings, ChannelSettings, ClaimPath,
+    ConfigError, JwksSettings, LogStoreKind, Patterns, RedisSettings, Secret, Settings, StoreSync,
 };
 
 use crate::bench::BenchArgs;
@@ -83,12 +83,35 @@ pub struct ServeArgs {
     #[arg(long, env = "JWT_PUBLIC_KEY", hide_env_values = true)]
     pub jwt_public_key: Option<String>,
 
-    /// The `iss` external tokens must carry (required with JWT_PUBLIC_KEY).
+    /// JWKS URL of an external identity provider (instead of JWT_PUBLIC_KEY): its
+    /// RS256/ES256 keys are fetched at start, cached, picked by the token's `kid`
+    /// and fetched again on an unknown `kid` (at most once per 10s). https only
+    /// (http to 127.0.0.1, ::1 or localhost).
+    #[arg(long, env = "JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// How often the JWKS is fetched again (10s to 24h).
+    #[arg(long, env = "JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+
+    /// Where external tokens keep the role: a JSON pointer (`/app_metadata/role`,
+    /// `/realm_access/roles`) or a top-level claim name. `admin`, or a list
+    /// holding `admin`, is an admin; anything else, or nothing, a user.
+    #[arg(long, env = "JWT_ROLE_CLAIM")]
+    pub jwt_role_claim: Option<String>,
+
+    /// Where external tokens keep the tenant: a JSON pointer
+    /// (`/https:~1~1example.com~1tenant`) or a top-level claim name (`org_id`);
+    /// a token without it is refused.
+    #[arg(long, env = "JWT_TENANT_CLAIM")]
+    pub jwt_tenant_claim: Option<String>,
+
+    /// The `iss` external tokens must carry (required with JWT_PUBLIC_KEY or JWT_JWKS_URL).
     #[arg(long, env = "JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
 
-    /// The `aud` external tokens must carry (required with JWT_PUBLIC_KEY); our own
-    /// tokens that carry an `aud` must match it too.
+    /// The `aud` external tokens must carry (required with JWT_PUBLIC_KEY or
+    /// JWT_JWKS_URL); our own tokens that carry an `aud` must match it too.
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
@@ -298,6 +321,12 @@ impl ServeArgs {
         config::check_writable(&self.data_dir)?;
         let redis_url = config::non_empty(self.redis_url);
         let jwt_secret = config::node_secret(self.jwt_secret, redis_url.is_some(), &self.data_dir)?;
+        let jwt_jwks = config::non_empty(self.jwt_jwks_url)
+            .map(|url| JwksSettings::new(&url, self.jwt_jwks_refresh))
+            .transpose()?;
+        let claim = |what, raw| config::non_empty(raw).map(|raw| ClaimPath::parse(what, &raw));
+        let jwt_role_claim = claim("JWT_ROLE_CLAIM", self.jwt_role_claim).transpose()?;
+        let jwt_tenant_claim = claim("JWT_TENANT_CLAIM", self.jwt_tenant_claim).transpose()?;
         let settings = Settings {
             bind: self.bind,
             port: self.port,
@@ -306,7 +335,10 @@ impl ServeArgs {
             store_sync: self.store_sync,
             store_sync_interval: self.store_sync_interval,
             jwt_secret,
-            jwt_public_key: self.jwt_public_key,
+            jwt_public_key: config::non_empty(self.jwt_public_key),
+            jwt_jwks,
+            jwt_role_claim,
+            jwt_tenant_claim,
             jwt_issuer: config::non_empty(self.jwt_issuer),
             jwt_audience: config::non_empty(self.jwt_audience),
             jwt_leeway: Duration::from_secs(30),
@@ -409,6 +441,87 @@ mod tests {
             (LogStoreKind::Memory, StoreSync::Full)
         );
         assert!(Cli::try_parse_from(["agentcast", "--log-store", "redis"]).is_err());
+    }
+
+    #[test]
+    fn jwks_flags_make_settings_or_one_line_errors() {
+        let data_dir = std::env::temp_dir().join(format!("agentcast-cli-{}", uuid::Uuid::new_v4()));
+        let dir = data_dir.to_str().unwrap().to_owned();
+        let settings = |args: &[&str]| {
+            let mut argv = vec![
+                "agentcast",
+                "--data-dir",
+                &dir,
+                "--jwt-secret",
+                "0123456789abcdef",
+            ];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap().serve.into_settings()
+        };
+        let iss_aud = [
+            "--jwt-issuer",
+            "https://idp.example",
+            "--jwt-audience",
+            "agentcast",
+        ];
+        let ok = settings(
+            &[
+                &iss_aud[..],
+                &[
+                    "--jwt-jwks-url",
+                    "https://idp.example/.well-known/jwks.json",
+                    "--jwt-jwks-refresh",
+                    "10m",
+                    "--jwt-role-claim",
+                    "/realm_access/roles",
+                    "--jwt-tenant-claim",
+                    "org_id",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let jwks = ok.jwt_jwks.as_ref().unwrap();
+        assert_eq!(jwks.refresh, Duration::from_secs(600));
+        assert_eq!(jwks.min_refresh_gap, Duration::from_secs(10));
+        assert_eq!(
+            ok.jwt_role_claim.as_ref().unwrap().as_str(),
+            "/realm_access/roles"
+        );
+        for (args, says) in [
+            (
+                vec!["--jwt-jwks-url", "http://idp.example/jwks"],
+                "must use https",
+            ),
+            (
+                vec![
+                    "--jwt-jwks-url",
+                    "https://idp.example/jwks",
+                    "--jwt-public-key",
+                    "x",
+                ],
+                "both set",
+            ),
+            (
+                vec![
+                    "--jwt-jwks-url",
+                    "https://idp.example/jwks",
+                    "--jwt-tenant-claim",
+                    "/a~9",
+                ],
+                "JWT_TENANT_CLAIM",
+            ),
+        ] {
+            let error = settings(&[&iss_aud[..], &args].concat())
+                .expect_err(says)
+                .to_string();
+            assert!(error.contains(says) && !error.contains('\n'), "{error}");
+        }
+        let error = settings(&["--jwt-jwks-url", "https://idp.example/jwks"])
+            .expect_err("no iss/aud")
+            .to_string();
+        assert!(error.contains("JWT_ISSUER and JWT_AUDIENCE"), "{error}");
+        std::fs::remove_dir_all(data_dir).ok();
     }
 
     #[test]

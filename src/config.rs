@@ -122,7 +122,15 @@ pub struct Settings {
     pub store_sync_interval: Duration,
     pub jwt_secret: Secret,
     pub jwt_public_key: Option<String>,
-    /// `iss` / `aud` required of tokens (SPEC §2); both are required with a public key.
+    /// `JWT_JWKS_URL` and its timings: the provider's keys fetched by `kid`
+    /// (the other way to accept external tokens, never with `jwt_public_key`).
+    pub jwt_jwks: Option<JwksSettings>,
+    /// `JWT_ROLE_CLAIM` / `JWT_TENANT_CLAIM`: where external tokens keep the
+    /// role and tenant (unset: the top-level `role` and `tenant` claims).
+    pub jwt_role_claim: Option<ClaimPath>,
+    pub jwt_tenant_claim: Option<ClaimPath>,
+    /// `iss` / `aud` required of tokens (SPEC §2); both are required with a
+    /// public key or a JWKS.
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     /// Clock skew allowed on `exp`; 30 s in production, 0 in tests that watch expiry.
@@ -179,6 +187,140 @@ impl Default for ChannelSettings {
     }
 }
 
+/// `JWT_JWKS_URL`: where the identity provider publishes its signing keys.
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    /// https, or http to a loopback host ([`jwks_url`]).
+    pub url: reqwest::Url,
+    /// `JWT_JWKS_REFRESH`: the key set is fetched again this often.
+    pub refresh: Duration,
+    /// Least time between two fetches for tokens naming an unknown `kid`
+    /// ([`JWKS_MIN_REFRESH_GAP`]; tests shorten it).
+    pub min_refresh_gap: Duration,
+    /// How long a start retries an unreachable provider before going on
+    /// with no keys ([`JWKS_START_WAIT`]; tests shorten it).
+    pub start_wait: Duration,
+}
+
+/// At most one fetch of the key set per this time for unknown `kid`s, so
+/// tokens with forged `kid`s cannot make the server hammer the provider.
+pub const JWKS_MIN_REFRESH_GAP: Duration = Duration::from_secs(10);
+/// How long a start retries the provider's key set before it goes on without.
+pub const JWKS_START_WAIT: Duration = Duration::from_secs(10);
+
+impl JwksSettings {
+    /// `url` checked by [`jwks_url`], the given refresh period, the fixed
+    /// rate limit and start wait.
+    pub fn new(url: &str, refresh: Duration) -> Result<JwksSettings, ConfigError> {
+        Ok(JwksSettings {
+            url: jwks_url(url)?,
+            refresh,
+            min_refresh_gap: JWKS_MIN_REFRESH_GAP,
+            start_wait: JWKS_START_WAIT,
+        })
+    }
+}
+
+/// `JWT_JWKS_URL` parsed: https, or http only to a loopback host (127.0.0.0/8,
+/// ::1, localhost), where nobody can change the keys on the way.
+pub fn jwks_url(raw: &str) -> Result<reqwest::Url, ConfigError> {
+    let invalid =
+        |why: &str| ConfigError::Invalid(format!("JWT_JWKS_URL '{}' {why}", raw.escape_debug()));
+    let url =
+        reqwest::Url::parse(raw.trim()).map_err(|e| invalid(&format!("is not a URL: {e}")))?;
+    let host = url.host_str().ok_or_else(|| invalid("has no host"))?;
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        "http" => Err(invalid(
+            "must use https (http only to a loopback host: 127.0.0.0/8, ::1, localhost)",
+        )),
+        _ => Err(invalid("must be an https:// URL")),
+    }
+}
+
+/// Where a claim lives in an external token: a JSON pointer (RFC 6901,
+/// `/app_metadata/role`, `~1` for `/` and `~0` for `~` in a name) or a plain
+/// top-level claim name (`org_id`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClaimPath {
+    raw: String,
+    /// The names (or array indices) walked from the top of the claims.
+    segments: Vec<String>,
+}
+
+impl ClaimPath {
+    /// The longest accepted path, and its most segments.
+    const MAX_LEN: usize = 256;
+    const MAX_SEGMENTS: usize = 16;
+
+    /// `what` (`JWT_ROLE_CLAIM`) names the setting in the error.
+    pub fn parse(what: &str, raw: &str) -> Result<ClaimPath, ConfigError> {
+        let invalid =
+            |why: &str| ConfigError::Invalid(format!("{what} '{}' {why}", raw.escape_debug()));
+        if raw.is_empty() || raw.len() > Self::MAX_LEN || raw.chars().any(char::is_control) {
+            return Err(invalid(
+                "must be 1-256 printable characters: a claim name or a JSON pointer like /app_metadata/role",
+            ));
+        }
+        let Some(pointer) = raw.strip_prefix('/') else {
+            return Ok(ClaimPath {
+                raw: raw.to_owned(),
+                segments: vec![raw.to_owned()],
+            });
+        };
+        let mut segments = Vec::new();
+        for token in pointer.split('/') {
+            let mut name = String::with_capacity(token.len());
+            let mut chars = token.chars();
+            while let Some(c) = chars.next() {
+                if c != '~' {
+                    name.push(c);
+                    continue;
+                }
+                match chars.next() {
+                    Some('0') => name.push('~'),
+                    Some('1') => name.push('/'),
+                    _ => {
+                        return Err(invalid(
+                            "is not a JSON pointer: '~' must be followed by 0 or 1",
+                        ))
+                    }
+                }
+            }
+            segments.push(name);
+        }
+        if segments.len() > Self::MAX_SEGMENTS {
+            return Err(invalid("has more than 16 segments"));
+        }
+        Ok(ClaimPath {
+            raw: raw.to_owned(),
+            segments,
+        })
+    }
+
+    /// The names walked from the top of the claims, unescaped.
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+}
+
+impl fmt::Debug for ClaimPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClaimPath({:?})", self.raw)
+    }
+}
+
 /// Where the nodes of one deployment meet.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -210,6 +352,9 @@ impl Settings {
             store_sync_interval: Duration::from_secs(1),
             jwt_secret: Secret::new("test-secret-test-secret-test-secret!"),
             jwt_public_key: None,
+            jwt_jwks: None,
+            jwt_role_claim: None,
+            jwt_tenant_claim: None,
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::ZERO,
@@ -246,11 +391,29 @@ impl Settings {
             self.jwt_secret.expose().len() >= 16,
             "JWT_SECRET must be at least 16 bytes",
         )?;
+        let external = self.jwt_public_key.is_some() || self.jwt_jwks.is_some();
         check(
-            self.jwt_public_key.is_none()
-                || (self.jwt_issuer.is_some() && self.jwt_audience.is_some()),
+            self.jwt_public_key.is_none() || self.jwt_jwks.is_none(),
+            "JWT_PUBLIC_KEY and JWT_JWKS_URL are both set: use one (the JWKS already \
+             holds the provider's public keys)",
+        )?;
+        check(
+            !external || (self.jwt_issuer.is_some() && self.jwt_audience.is_some()),
             EXTERNAL_NEEDS_ISS_AUD,
         )?;
+        check(
+            external || (self.jwt_role_claim.is_none() && self.jwt_tenant_claim.is_none()),
+            "JWT_ROLE_CLAIM and JWT_TENANT_CLAIM apply to external tokens: set \
+             JWT_PUBLIC_KEY or JWT_JWKS_URL too",
+        )?;
+        if let Some(jwks) = &self.jwt_jwks {
+            jwks_url(jwks.url.as_str())?;
+            check(
+                jwks.refresh >= Duration::from_secs(10)
+                    && jwks.refresh <= Duration::from_secs(86_400),
+                "JWT_JWKS_REFRESH must be between 10s and 24h",
+            )?;
+        }
         check(
             self.max_message_bytes >= 256,
             "MAX_MESSAGE_BYTES must be at least 256",
@@ -320,9 +483,11 @@ impl Settings {
     }
 }
 
-/// Why a start with `JWT_PUBLIC_KEY` but without issuer or audience fails.
+/// Why a start with `JWT_PUBLIC_KEY` or `JWT_JWKS_URL` but without issuer or
+/// audience fails.
 pub const EXTERNAL_NEEDS_ISS_AUD: &str =
-    "JWT_ISSUER and JWT_AUDIENCE are required when JWT_PUBLIC_KEY is set";
+    "JWT_ISSUER and JWT_AUDIENCE are required when JWT_PUBLIC_KEY or JWT_JWKS_URL is set \
+     (the provider signs tokens for other applications too)";
 
 /// An unset or empty flag: absent (an empty environment variable unsets it).
 pub fn non_empty(value: Option<String>) -> Option<String> {
@@ -560,6 +725,109 @@ mod tests {
             assert!(error.contains("rediss://"), "{error}");
             assert!(!error.contains("hunter2"), "{error}");
         }
+    }
+
+    fn with_jwks(url: &str) -> Settings {
+        let mut settings = Settings::for_tests("/nonexistent");
+        settings.jwt_jwks = Some(JwksSettings {
+            url: reqwest::Url::parse(url).unwrap(),
+            refresh: Duration::from_secs(300),
+            min_refresh_gap: JWKS_MIN_REFRESH_GAP,
+            start_wait: JWKS_START_WAIT,
+        });
+        settings.jwt_issuer = Some("https://idp.example".into());
+        settings.jwt_audience = Some("agentcast".into());
+        settings
+    }
+
+    #[test]
+    fn a_jwks_url_is_https_or_http_to_a_loopback_host() {
+        for good in [
+            "https://idp.example/.well-known/jwks.json",
+            "http://127.0.0.1:8081/jwks",
+            "http://127.3.2.1/jwks",
+            "http://[::1]:9000/jwks",
+            "http://LOCALHOST/jwks",
+        ] {
+            assert!(jwks_url(good).is_ok(), "{good}");
+            assert!(with_jwks(good).validate().is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("http://idp.example/jwks", "must use https"),
+            ("http://10.0.0.1/jwks", "must use https"),
+            ("http://localhost.evil.example/jwks", "must use https"),
+            ("http://[::ffff:7f00:1]/jwks", "must use https"),
+            ("ftp://127.0.0.1/jwks", "https://"),
+            ("idp.example/jwks", "not a URL"),
+        ] {
+            let error = jwks_url(bad).expect_err(bad).to_string();
+            assert!(
+                error.contains("JWT_JWKS_URL") && error.contains(says) && !error.contains('\n'),
+                "{bad}: {error}"
+            );
+        }
+        // A URL that slipped past (tests build settings by hand) is checked again.
+        let mut settings = with_jwks("https://idp.example/jwks");
+        settings.jwt_jwks.as_mut().unwrap().url =
+            reqwest::Url::parse("http://idp.example").unwrap();
+        assert!(settings.validate().is_err());
+    }
+
+    #[test]
+    fn a_jwks_needs_issuer_audience_and_no_public_key() {
+        let mut settings = with_jwks("https://idp.example/jwks");
+        settings.jwt_public_key = Some("-----BEGIN PUBLIC KEY-----".into());
+        let error = settings.validate().expect_err("both").to_string();
+        assert!(
+            error.contains("JWT_PUBLIC_KEY") && error.contains("JWT_JWKS_URL"),
+            "{error}"
+        );
+        for (issuer, audience) in [(None, None), (Some("i"), None), (None, Some("a"))] {
+            let mut settings = with_jwks("https://idp.example/jwks");
+            settings.jwt_issuer = issuer.map(str::to_owned);
+            settings.jwt_audience = audience.map(str::to_owned);
+            let error = settings.validate().expect_err("no iss/aud").to_string();
+            assert!(
+                error.contains("JWT_ISSUER")
+                    && error.contains("JWT_AUDIENCE")
+                    && error.contains("JWT_JWKS_URL")
+                    && !error.contains('\n'),
+                "{error}"
+            );
+        }
+        let mut settings = with_jwks("https://idp.example/jwks");
+        settings.jwt_jwks.as_mut().unwrap().refresh = Duration::from_secs(1);
+        assert!(settings.validate().is_err(), "JWT_JWKS_REFRESH below 10s");
+    }
+
+    #[test]
+    fn claim_paths_are_pointers_or_names() {
+        let path = |raw: &str| ClaimPath::parse("JWT_ROLE_CLAIM", raw);
+        assert_eq!(path("org_id").unwrap().segments(), ["org_id"]);
+        assert_eq!(
+            path("/app_metadata/role").unwrap().segments(),
+            ["app_metadata", "role"]
+        );
+        assert_eq!(
+            path("/https:~1~1example.com~1tenant").unwrap().segments(),
+            ["https://example.com/tenant"]
+        );
+        assert_eq!(path("/a~0b/~01").unwrap().segments(), ["a~b", "~1"]);
+        for bad in ["", "/a~2", "/a~", "with\ncontrol", &"/a".repeat(17)] {
+            let error = path(bad).expect_err(bad).to_string();
+            assert!(
+                error.starts_with("JWT_ROLE_CLAIM '") && !error.contains('\n'),
+                "{error}"
+            );
+        }
+        // Mapping applies to external tokens only: alone it is a mistake.
+        let mut settings = Settings::for_tests("/nonexistent");
+        settings.jwt_tenant_claim = Some(path("org_id").unwrap());
+        let error = settings.validate().expect_err("no provider").to_string();
+        assert!(error.contains("JWT_TENANT_CLAIM"), "{error}");
+        let mut settings = with_jwks("https://idp.example/jwks");
+        settings.jwt_tenant_claim = Some(path("org_id").unwrap());
+        settings.validate().expect("with a JWKS");
     }
 
     #[test]
