@@ -129,6 +129,15 @@ pub async fn serve(
         log,
     );
     let shutdown = Shutdown::new();
+    if let Some(jwks) = auth.jwks() {
+        // Bounded: a provider still down after the wait leaves the cache
+        // empty (a warning) and the timer or a token's `kid` tries again.
+        jwks.load_at_start().await;
+        tokio::spawn(
+            jwks.clone()
+                .refresh_periodically(shutdown.triggered_owned()),
+        );
+    }
     let sessions = Arc::new(SessionConfig {
         hub: hub.clone(),
         auth: auth.clone(),

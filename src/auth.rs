@@ -1,13 +1,23 @@
 //! Identity: token claims, the keys built once at start, and the checks that
 //! turn a credential into a [`Principal`].
 //!
-//! The algorithm is pinned by configuration (HS256 with our secret, plus RS256 or
-//! ES256 when `JWT_PUBLIC_KEY` is set), never taken from the token: a token whose
-//! header names anything else, `none` included, is refused. `exp` is required,
-//! `nbf` honoured, both with the configured leeway. External tokens must name
-//! `JWT_ISSUER` and `JWT_AUDIENCE` (a provider signs for many applications);
-//! our own HS256 tokens carry no `aud`, and one that does must match
-//! `JWT_AUDIENCE` when it is set (unset: `aud` is ignored, not refused).
+//! The algorithm is pinned by configuration, never taken from the token: HS256
+//! with our secret, plus RS256 or ES256 for an external identity provider,
+//! pinned by `JWT_PUBLIC_KEY` (a PEM) or, with `JWT_JWKS_URL`, by the JWK the
+//! token's `kid` names ([`jwks`]: its type and curve, and its `alg` when
+//! present). A token whose header names another algorithm than its key's,
+//! `none` included, is refused; with a JWKS a token without `kid` is refused
+//! too, even when the set holds one key. `exp` is required, `nbf` honoured,
+//! both with the configured leeway. External tokens must name `JWT_ISSUER` and
+//! `JWT_AUDIENCE` (a provider signs for many applications); our own HS256
+//! tokens carry no `aud`, and one that does must match `JWT_AUDIENCE` when it
+//! is set (unset: `aud` is ignored, not refused). `JWT_ROLE_CLAIM` and
+//! `JWT_TENANT_CLAIM` map an external token's claims onto `role` and `tenant`
+//! ([`mapping`]).
+//!
+//! [`Authenticator::verify`] is async: a token naming a `kid` the cached key
+//! set lacks waits for one rate-limited, shared fetch of the set and is
+//! checked once more; every other token is decided without waiting.
 //!
 //! API keys (`ak_…`, SPEC §2) are the other credential: they are looked up by
 //! their SHA-256 hash in the directory (SQLite, or the shared Redis in cluster
@@ -15,6 +25,10 @@
 //! authorize the publish endpoints of their own tenant only, and never open a
 //! WebSocket.
 
+pub mod jwks;
+pub mod mapping;
+
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -25,6 +39,8 @@ use crate::config::{ConfigError, Settings, EXTERNAL_NEEDS_ISS_AUD};
 use crate::directory::Directory;
 use crate::error::ApiError;
 use crate::store::{hash_api_key, looks_like_api_key};
+use jwks::Jwks;
+use mapping::ClaimMapping;
 
 /// What a token lets its holder do inside its tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -167,38 +183,97 @@ pub struct Authenticator {
     hs_encoding: EncodingKey,
     hs_decoding: DecodingKey,
     hs_validation: Validation,
-    /// The external identity provider's public key and its pinned algorithm.
-    external: Option<(DecodingKey, Validation)>,
+    /// The external identity provider's keys and rules.
+    external: Option<External>,
+}
+
+/// What external tokens are checked with.
+struct External {
+    keys: ExternalKeys,
+    /// The rules of RS256 and ES256 tokens: iss, aud, exp, sub required.
+    rs256: Validation,
+    es256: Validation,
+    mapping: ClaimMapping,
+}
+
+enum ExternalKeys {
+    /// `JWT_PUBLIC_KEY`: one key, whatever the token's `kid`.
+    Pem(Arc<VerifyingKey>),
+    /// `JWT_JWKS_URL`: the key the token's `kid` names.
+    Jwks(Jwks),
+}
+
+/// A provider's public key and the one algorithm it verifies.
+pub struct VerifyingKey {
+    pub alg: Algorithm,
+    pub decoding: DecodingKey,
+}
+
+/// The outcome of checking a token against the keys cached now.
+enum Verdict {
+    Checked(Result<Claims, AuthError>),
+    /// Signed by the provider with a `kid` the cached set lacks.
+    UnknownKid,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let external = self.external.as_ref().map(|external| match &external.keys {
+            ExternalKeys::Pem(key) => format!("{:?} public key", key.alg),
+            ExternalKeys::Jwks(jwks) => format!("{jwks:?}"),
+        });
         f.debug_struct("Authenticator")
-            .field(
-                "external",
-                &self.external.as_ref().map(|(_, v)| v.algorithms.clone()),
-            )
+            .field("external", &external)
             .finish_non_exhaustive()
     }
 }
 
 impl Authenticator {
+    /// Keys and rules from `settings`; with `JWT_JWKS_URL` the key set starts
+    /// empty ([`Jwks::load_at_start`] fills it).
     pub fn new(settings: &Settings) -> Result<Self, ConfigError> {
         let secret = settings.jwt_secret.expose().as_bytes();
         let leeway = settings.jwt_leeway.as_secs();
         let audience = settings.jwt_audience.as_deref();
-        let external = match &settings.jwt_public_key {
+        let keys = match (&settings.jwt_public_key, &settings.jwt_jwks) {
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "JWT_PUBLIC_KEY and JWT_JWKS_URL are both set: use one".to_owned(),
+                ))
+            }
+            (Some(pem), None) => Some(ExternalKeys::Pem(Arc::new(external_key(pem)?))),
+            (None, Some(jwks)) => {
+                crate::config::jwks_url(jwks.url.as_str())?;
+                let jwks = Jwks::new(jwks).map_err(|e| {
+                    ConfigError::Invalid(format!("cannot build the JWKS client: {e}"))
+                })?;
+                Some(ExternalKeys::Jwks(jwks))
+            }
+        };
+        let external = match keys {
             None => None,
-            Some(value) => {
+            Some(keys) => {
                 let (Some(issuer), Some(audience)) = (settings.jwt_issuer.as_deref(), audience)
                 else {
                     return Err(ConfigError::Invalid(EXTERNAL_NEEDS_ISS_AUD.to_owned()));
                 };
-                let (key, mut rules) = external_key(value, leeway)?;
-                rules.set_issuer(&[issuer]);
-                rules.set_audience(&[audience]);
-                rules.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-                Some((key, rules))
+                let rules = |alg| {
+                    let mut rules = validation(alg, leeway);
+                    rules.set_issuer(&[issuer]);
+                    rules.set_audience(&[audience]);
+                    rules.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+                    rules
+                };
+                Some(External {
+                    keys,
+                    rs256: rules(Algorithm::RS256),
+                    es256: rules(Algorithm::ES256),
+                    mapping: ClaimMapping {
+                        role: settings.jwt_role_claim.clone(),
+                        tenant: settings.jwt_tenant_claim.clone(),
+                    },
+                })
             }
         };
         let mut hs_validation = validation(Algorithm::HS256, leeway);
@@ -214,27 +289,78 @@ impl Authenticator {
         })
     }
 
-    /// Checks signature, pinned algorithm, `exp` and the claims' shape.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    /// The provider's key set when `JWT_JWKS_URL` is set, for the start-up
+    /// fetch and the refresh timer.
+    pub fn jwks(&self) -> Option<&Jwks> {
+        match &self.external.as_ref()?.keys {
+            ExternalKeys::Jwks(jwks) => Some(jwks),
+            ExternalKeys::Pem(_) => None,
+        }
+    }
+
+    /// Checks signature, pinned algorithm, `exp` and the claims' shape. A
+    /// token naming a `kid` the cached key set lacks waits for a fetch of the
+    /// set (shared, and at most one per `min_refresh_gap`) and is checked once
+    /// more; every other token is decided at once.
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        match self.check(token) {
+            Verdict::Checked(result) => result,
+            Verdict::UnknownKid => {
+                if let Some(jwks) = self.jwks() {
+                    jwks.refresh_for_unknown_kid().await;
+                }
+                match self.check(token) {
+                    Verdict::Checked(result) => result,
+                    Verdict::UnknownKid => Err(AuthError::Invalid),
+                }
+            }
+        }
+    }
+
+    /// [`Authenticator::verify`] against the keys held now.
+    fn check(&self, token: &str) -> Verdict {
         if token.is_empty() {
-            return Err(AuthError::Missing);
+            return Verdict::Checked(Err(AuthError::Missing));
         }
         if token.len() > 8 * 1024 {
-            return Err(AuthError::Invalid);
+            return Verdict::Checked(Err(AuthError::Invalid));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
-        let (key, rules) = match (header.alg, &self.external) {
-            (Algorithm::HS256, _) => (&self.hs_decoding, &self.hs_validation),
-            (alg, Some((key, rules))) if rules.algorithms == [alg] => (key, rules),
-            _ => return Err(AuthError::Invalid),
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Verdict::Checked(Err(AuthError::Invalid));
         };
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, rules).map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid,
-            })?;
-        check_claims(&data.claims)?;
-        Ok(data.claims)
+        if header.alg == Algorithm::HS256 {
+            let result =
+                jsonwebtoken::decode::<Claims>(token, &self.hs_decoding, &self.hs_validation)
+                    .map_err(decode_error)
+                    .and_then(|data| check_claims(&data.claims).map(|()| data.claims));
+            return Verdict::Checked(result);
+        }
+        let Some(external) = &self.external else {
+            return Verdict::Checked(Err(AuthError::Invalid));
+        };
+        let rules = match header.alg {
+            Algorithm::RS256 => &external.rs256,
+            Algorithm::ES256 => &external.es256,
+            _ => return Verdict::Checked(Err(AuthError::Invalid)),
+        };
+        let key = match &external.keys {
+            ExternalKeys::Pem(key) => key.clone(),
+            ExternalKeys::Jwks(jwks) => {
+                // Strict: no `kid`, no key, even when the set holds only one.
+                let Some(kid) = header.kid.as_deref() else {
+                    return Verdict::Checked(Err(AuthError::Invalid));
+                };
+                match jwks.key(kid) {
+                    Some(key) => key,
+                    None => return Verdict::UnknownKid,
+                }
+            }
+        };
+        // The key's algorithm, never the header's alone.
+        if key.alg != header.alg {
+            return Verdict::Checked(Err(AuthError::Invalid));
+        }
+        Verdict::Checked(external.decode(token, &key.decoding, rules))
     }
 
     /// Signs `claims` with the HS256 secret.
@@ -273,6 +399,7 @@ impl Authenticator {
             Some(Credential::ApiKey(key)) => api_key_principal(directory, key).await,
             Some(Credential::Token(token)) => self
                 .verify(token)
+                .await
                 .map(Principal::User)
                 .map_err(ApiError::Unauthorized),
         }
@@ -316,8 +443,36 @@ fn validation(alg: Algorithm, leeway: u64) -> Validation {
     rules
 }
 
+impl External {
+    /// Checks the token with `key` and `rules`, maps the provider's claims
+    /// onto ours, then the claims' shape.
+    fn decode(
+        &self,
+        token: &str,
+        key: &DecodingKey,
+        rules: &Validation,
+    ) -> Result<Claims, AuthError> {
+        let data =
+            jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, rules)
+                .map_err(decode_error)?;
+        let mut claims = data.claims;
+        self.mapping.apply(&mut claims)?;
+        let claims: Claims = serde_json::from_value(serde_json::Value::Object(claims))
+            .map_err(|_| AuthError::Invalid)?;
+        check_claims(&claims)?;
+        Ok(claims)
+    }
+}
+
+fn decode_error(error: jsonwebtoken::errors::Error) -> AuthError {
+    match error.kind() {
+        jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+        _ => AuthError::Invalid,
+    }
+}
+
 /// `JWT_PUBLIC_KEY` holds a PEM, or the path of one.
-fn external_key(value: &str, leeway: u64) -> Result<(DecodingKey, Validation), ConfigError> {
+fn external_key(value: &str) -> Result<VerifyingKey, ConfigError> {
     let pem = if value.trim_start().starts_with("-----BEGIN") {
         value.as_bytes().to_vec()
     } else {
@@ -325,11 +480,17 @@ fn external_key(value: &str, leeway: u64) -> Result<(DecodingKey, Validation), C
             ConfigError::Invalid(format!("cannot read JWT_PUBLIC_KEY file '{value}': {e}"))
         })?
     };
-    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
-        return Ok((key, validation(Algorithm::RS256, leeway)));
+    if let Ok(decoding) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok(VerifyingKey {
+            alg: Algorithm::RS256,
+            decoding,
+        });
     }
-    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
-        return Ok((key, validation(Algorithm::ES256, leeway)));
+    if let Ok(decoding) = DecodingKey::from_ec_pem(&pem) {
+        return Ok(VerifyingKey {
+            alg: Algorithm::ES256,
+            decoding,
+        });
     }
     Err(ConfigError::Invalid(
         "JWT_PUBLIC_KEY is neither an RSA nor an EC (P-256) public key in PEM".to_owned(),
@@ -389,21 +550,21 @@ mod tests {
         Authenticator::new(&Settings::for_tests("/nonexistent")).unwrap()
     }
 
-    #[test]
-    fn minted_token_verifies() {
+    #[tokio::test]
+    async fn minted_token_verifies() {
         let auth = auth();
         let claims = Claims::new("u1", Role::Admin, "acme", Duration::from_secs(60));
-        assert_eq!(auth.verify(&auth.mint(&claims)), Ok(claims));
+        assert_eq!(auth.verify(&auth.mint(&claims)).await, Ok(claims));
     }
 
-    #[test]
-    fn other_algorithms_and_none_are_refused() {
+    #[tokio::test]
+    async fn other_algorithms_and_none_are_refused() {
         let auth = auth();
         let claims = Claims::new("u1", Role::User, "default", Duration::from_secs(60));
         let secret = Settings::for_tests("/x").jwt_secret;
         let key = EncodingKey::from_secret(secret.expose().as_bytes());
         let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &key).unwrap();
-        assert_eq!(auth.verify(&hs512), Err(AuthError::Invalid));
+        assert_eq!(auth.verify(&hs512).await, Err(AuthError::Invalid));
         let none = format!(
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)
@@ -412,15 +573,18 @@ mod tests {
                 .nth(1)
                 .unwrap()
         );
-        assert_eq!(auth.verify(&none), Err(AuthError::Invalid));
+        assert_eq!(auth.verify(&none).await, Err(AuthError::Invalid));
     }
 
-    #[test]
-    fn expired_and_expless_tokens_are_refused() {
+    #[tokio::test]
+    async fn expired_and_expless_tokens_are_refused() {
         let auth = auth();
         let mut claims = Claims::new("u1", Role::User, "default", Duration::ZERO);
         claims.exp = unix_now() - 5;
-        assert_eq!(auth.verify(&auth.mint(&claims)), Err(AuthError::Expired));
+        assert_eq!(
+            auth.verify(&auth.mint(&claims)).await,
+            Err(AuthError::Expired)
+        );
         let key =
             EncodingKey::from_secret(Settings::for_tests("/x").jwt_secret.expose().as_bytes());
         let no_exp = jsonwebtoken::encode(
@@ -429,7 +593,7 @@ mod tests {
             &key,
         )
         .unwrap();
-        assert_eq!(auth.verify(&no_exp), Err(AuthError::Invalid));
+        assert_eq!(auth.verify(&no_exp).await, Err(AuthError::Invalid));
     }
 
     #[test]

@@ -321,8 +321,11 @@ impl Session {
                 }
                 Event::Inbound(message) => match self.on_message(ws, message) {
                     // Boxed: every connection's task keeps room for its
-                    // largest await, and most never subscribe.
-                    Ok(Some(request)) => Box::pin(self.subscribe(ws, request)).await,
+                    // largest await, and most never subscribe or refresh.
+                    Ok(Some(Work::Subscribe(request))) => {
+                        Box::pin(self.subscribe(ws, request)).await
+                    }
+                    Ok(Some(Work::Refresh(token))) => Box::pin(self.refresh(ws, &token)).await,
                     Ok(None) => Ok(()),
                     Err(ending) => Err(ending),
                 },
@@ -433,13 +436,13 @@ impl Session {
             .min(self.last_heard + self.config.idle_timeout)
     }
 
-    /// Handles one client frame; a subscribe that may go ahead comes back
-    /// (boxed: the connection task keeps room for it) to be prepared.
+    /// Handles one client frame; a subscribe that may go ahead, or a refresh,
+    /// comes back (boxed: the connection task keeps room for it) to be awaited.
     fn on_message<S>(
         &mut self,
         ws: &mut WebSocketStream<S>,
         message: Message,
-    ) -> Result<Option<Box<SubscribeRequest>>, Ending>
+    ) -> Result<Option<Work>, Ending>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -467,24 +470,18 @@ impl Session {
         }
     }
 
-    /// Answers one client text frame; a successful `refresh` replaces the
-    /// connection's claims and expiry.
+    /// Answers one client text frame, or hands back the work it asks for.
     fn on_text<S>(
         &mut self,
         ws: &mut WebSocketStream<S>,
         text: &str,
-    ) -> Result<Option<Box<SubscribeRequest>>, Ending>
+    ) -> Result<Option<Work>, Ending>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        match answer(text, &self.config.auth, &self.claims) {
-            Answer::Reply(reply, refreshed) => {
-                if let Some(claims) = refreshed {
-                    self.token_deadline = deadline_of(claims.exp, self.config.leeway);
-                    *self.claims = claims;
-                }
-                self.send_text(ws, reply).map(|()| None)
-            }
+        match answer(text) {
+            Answer::Reply(reply) => self.send_text(ws, reply).map(|()| None),
+            Answer::Refresh(token) => Ok(Some(Work::Refresh(token))),
             Answer::Subscribe(request) => {
                 let channel = &request.channel;
                 let allowed = crate::channels::may_subscribe(
@@ -511,7 +508,7 @@ impl Session {
                         let reply = wire::channel_error(code, message, channel);
                         self.send_text(ws, reply).map(|()| None)
                     }
-                    None => Ok(Some(request)),
+                    None => Ok(Some(Work::Subscribe(request))),
                 }
             }
             Answer::Unsubscribe(channel) => {
@@ -522,6 +519,25 @@ impl Session {
                 self.send_text(ws, reply).map(|()| None)
             }
         }
+    }
+
+    /// An in-band `refresh`: a valid token replaces the connection's claims
+    /// and expiry. Its check may wait for one fetch of the provider's key set
+    /// (a new `kid`, at most 5 s), while no frame is read or written.
+    async fn refresh<S>(&mut self, ws: &mut WebSocketStream<S>, token: &str) -> Result<(), Ending>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let reply = match check_refresh(token, &self.config.auth, &self.claims).await {
+            Ok(claims) => {
+                let reply = wire::control("refreshed", json!({"exp": claims.exp}));
+                self.token_deadline = deadline_of(claims.exp, self.config.leeway);
+                *self.claims = claims;
+                reply
+            }
+            Err((code, message)) => wire::error_frame(code, message),
+        };
+        self.send_text(ws, reply)
     }
 
     /// Subscribes to an allowed channel (SPEC §4.4): its replay goes out
@@ -625,11 +641,18 @@ struct SubscribeRequest {
 /// What a client text frame asks for.
 #[derive(Debug)]
 enum Answer {
-    /// The one frame to send back, and the claims that replace the current
-    /// ones when it was an accepted `refresh`.
-    Reply(Utf8Bytes, Option<Claims>),
+    /// The one frame to send back.
+    Reply(Utf8Bytes),
+    /// A `refresh` with this token, to be checked ([`check_refresh`]).
+    Refresh(Box<str>),
     Subscribe(Box<SubscribeRequest>),
     Unsubscribe(String),
+}
+
+/// What a client frame leaves the session to await.
+enum Work {
+    Subscribe(Box<SubscribeRequest>),
+    Refresh(Box<str>),
 }
 
 /// The longest epoch a client may send (ours are 32 hex digits).
@@ -637,7 +660,7 @@ const MAX_EPOCH_LEN: usize = 64;
 
 /// The answer to a client text frame (SPEC §4.2, §4.4). Pure, so every frame
 /// a client can send is tested without a socket.
-fn answer(text: &str, auth: &Authenticator, current: &Claims) -> Answer {
+fn answer(text: &str) -> Answer {
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(frame) => frame,
         Err(_) => {
@@ -645,33 +668,30 @@ fn answer(text: &str, auth: &Authenticator, current: &Claims) -> Answer {
                 "invalid_frame",
                 "frames must be JSON objects with a string \"type\"",
             );
-            return Answer::Reply(reply, None);
+            return Answer::Reply(reply);
         }
     };
     match frame.kind.as_str() {
-        "ping" => Answer::Reply(
-            wire::control("pong", json!({"ts": wire::timestamp()})),
-            None,
-        ),
-        "refresh" => match check_refresh(&frame.data, auth, current) {
-            Ok(claims) => Answer::Reply(
-                wire::control("refreshed", json!({"exp": claims.exp})),
-                Some(claims),
-            ),
-            Err((code, message)) => Answer::Reply(wire::error_frame(code, message), None),
+        "ping" => Answer::Reply(wire::control("pong", json!({"ts": wire::timestamp()}))),
+        "refresh" => match frame.data.get("token").and_then(|t| t.as_str()) {
+            Some(token) => Answer::Refresh(token.into()),
+            None => Answer::Reply(wire::error_frame(
+                "invalid_frame",
+                "refresh needs data.token",
+            )),
         },
         "subscribe" => match parse_subscribe(&frame.data) {
             Ok(request) => Answer::Subscribe(Box::new(request)),
-            Err(reply) => Answer::Reply(reply, None),
+            Err(reply) => Answer::Reply(reply),
         },
         "unsubscribe" => match channel_of(&frame.data) {
             Ok(channel) => Answer::Unsubscribe(channel.to_owned()),
-            Err(reply) => Answer::Reply(reply, None),
+            Err(reply) => Answer::Reply(reply),
         },
         other => {
             let shown: String = other.chars().take(64).collect();
             let message = format!("unknown frame type '{shown}'");
-            Answer::Reply(wire::error_frame("unknown_type", &message), None)
+            Answer::Reply(wire::error_frame("unknown_type", &message))
         }
     }
 }
@@ -723,17 +743,14 @@ fn parse_subscribe(data: &serde_json::Value) -> Result<SubscribeRequest, Utf8Byt
 /// The claims of a refresh frame's token: it must be valid, for the same user,
 /// tenant and role (a refresh is no way to change who one is or promote
 /// oneself; a demoted admin reconnects with the new role), and expire later.
-fn check_refresh(
-    data: &serde_json::Value,
+async fn check_refresh(
+    token: &str,
     auth: &Authenticator,
     current: &Claims,
 ) -> Result<Claims, (&'static str, &'static str)> {
-    let token = data
-        .get("token")
-        .and_then(|t| t.as_str())
-        .ok_or(("invalid_frame", "refresh needs data.token"))?;
     let claims = auth
         .verify(token)
+        .await
         .map_err(|_| ("invalid_token", "token refused"))?;
     if claims.sub != current.sub || claims.tenant != current.tenant || claims.role != current.role {
         return Err((
@@ -875,7 +892,9 @@ mod tests {
         use proptest::prelude::*;
         use serde_json::Value;
 
-        use super::super::{answer, Answer};
+        use futures_util::FutureExt;
+
+        use super::super::{answer, check_refresh, Answer};
         use crate::auth::{Authenticator, Claims, Role};
         use crate::config::Settings;
 
@@ -972,8 +991,21 @@ mod tests {
                     },
                     Err(_) => text,
                 };
-                let (reply, refreshed) = match answer(&text, &world.auth, &world.current) {
-                    Answer::Reply(reply, refreshed) => (reply, refreshed),
+                let (reply, refreshed) = match answer(&text) {
+                    Answer::Reply(reply) => (reply, None),
+                    // Our own tokens are checked without waiting.
+                    Answer::Refresh(token) => {
+                        let checked = check_refresh(&token, &world.auth, &world.current)
+                            .now_or_never()
+                            .expect("an HS256 token is checked at once");
+                        match checked {
+                            Ok(claims) => (
+                                super::super::wire::control("refreshed", serde_json::json!({"exp": claims.exp})),
+                                Some(claims),
+                            ),
+                            Err((code, message)) => (super::super::wire::error_frame(code, message), None),
+                        }
+                    }
                     // Well-formed channel frames: the session takes them on.
                     Answer::Subscribe(request) => {
                         prop_assert!(crate::channels::valid_name(&request.channel));

@@ -196,7 +196,7 @@ pub(super) fn token_claims(
                         "api keys may only publish; this endpoint takes a token",
                     )),
                     Some(Credential::Token(token)) => {
-                        shared.auth.verify(token).map_err(ApiError::Unauthorized)
+                        shared.auth.verify(token).await.map_err(ApiError::Unauthorized)
                     }
                 };
                 verdict.map_err(|e| {

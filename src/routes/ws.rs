@@ -113,12 +113,14 @@ pub fn ws_connect(
              query: ConnectQuery,
              upgrade: Option<OnUpgrade>,
              shared: Arc<Shared>| async move {
-                handshake(&headers, query, upgrade, shared).map_err(warp::reject::custom)
+                handshake(&headers, query, upgrade, shared)
+                    .await
+                    .map_err(warp::reject::custom)
             },
         )
 }
 
-fn handshake(
+async fn handshake(
     headers: &HeaderMap,
     query: ConnectQuery,
     upgrade: Option<OnUpgrade>,
@@ -157,7 +159,7 @@ fn handshake(
         None
     };
     let token = token.or(query.token.as_deref());
-    let admission = admit(&shared, headers, token, &query);
+    let admission = admit(&shared, headers, token, &query).await;
 
     let mut response = warp::reply::reply().into_response();
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -226,7 +228,7 @@ where
 }
 
 /// Checks origin and token; the verdict is delivered as a close code after the 101.
-fn admit(
+async fn admit(
     shared: &Shared,
     headers: &HeaderMap,
     token: Option<&str>,
@@ -242,7 +244,7 @@ fn admit(
         None => Err(AuthError::Missing),
         // A key publishes for a backend; it is never a browser session.
         Some(Credential::ApiKey(_)) => Err(AuthError::ApiKeyOnWebSocket),
-        Some(Credential::Token(token)) => shared.auth.verify(token),
+        Some(Credential::Token(token)) => shared.auth.verify(token).await,
     };
     let claims = match verdict {
         Ok(claims) => claims,
