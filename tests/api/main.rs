@@ -19,6 +19,9 @@
 //!   Redis outages, the views on every node, a node killed and restarted;
 //! - `accounts`: signup, login, refresh, me, the failed-login limiter, restarts;
 //! - `api_keys`: the key life cycle, tenants, the WebSocket refusal, admin alerts;
+//! - `jwks`: external tokens with keys from a JWK set (issue 11): RS256/ES256 by
+//!   `kid`, rotation, the rate limit on unknown `kid`s, provider outages, the
+//!   pinned algorithm, role and tenant claim mapping (a local JWKS server);
 //! - `hardening_ws`: issue 8 findings on WebSockets and tokens (Ping flood, `iss`/`aud`,
 //!   `exp` overflow, refresh role, `nbf`);
 //! - `logs`: the real binary's log holds no password, token or key;
@@ -45,6 +48,7 @@ mod hardening_store;
 mod hardening_ws;
 mod helpers;
 mod http;
+mod jwks;
 mod limits;
 mod logs;
 mod pages;
