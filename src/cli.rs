@@ -86,7 +86,7 @@ pub struct ServeArgs {
     /// JWKS URL of an external identity provider (instead of JWT_PUBLIC_KEY): its
     /// RS256/ES256 keys are fetched at start, cached, picked by the token's `kid`
     /// and fetched again on an unknown `kid` (at most once per 10s). https only
-    /// (http to 127.0.0.1, ::1 or localhost).
+    /// (http to 127.0.0.0/8, ::1 or localhost).
     #[arg(long, env = "JWT_JWKS_URL")]
     pub jwt_jwks_url: Option<String>,
 
