@@ -90,7 +90,10 @@ status=0
 # One worker: with two threads, hypothesis parsing source concurrently on
 # Python 3.11 (Debian 12's) hits CPython's spurious "AST constructor recursion
 # depth mismatch" (cpython#106905), a crash of the tool, not a finding.
-"$venv/bin/schemathesis" run "http://$addr/api/v1/openapi.json" \
+# From the temp folder: schemathesis keeps a `.schemathesis/` cache in its
+# working directory, which must not land in the checkout.
+venv="$PWD/$venv"
+(cd "$work" && "$venv/bin/schemathesis" run "http://$addr/api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all --exclude-checks positive_data_acceptance \
   --phases examples,coverage,fuzzing,stateful \
@@ -100,7 +103,7 @@ status=0
   --workers 1 \
   --request-timeout 10 \
   --no-color \
-  --report junit --report-dir "$work/report" || status=$?
+  --report junit --report-dir "$work/report") || status=$?
 
 if grep -Eq 'panicked|ERROR' "$work/server.log"; then
   echo "--- server log" >&2
