@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test of agentcast: formatting, lints, unit and integration tests, then the
-# browser tests of the pages (Debian's chromium driven by playwright-core).
+# Every test of agentcast: formatting, lints, unit and integration tests, the
+# HTTP API against its OpenAPI document (schemathesis), then the browser tests of
+# the pages (Debian's chromium driven by playwright-core).
 # Installs what it needs on a fresh machine, so CI and a newcomer run the same thing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,8 +63,12 @@ if [ ! -d tests/e2e/node_modules/playwright-core ]; then
   (cd tests/e2e && npm ci --no-audit --no-fund)
 fi
 
-echo "== cargo build (the binary the browser tests run)"
+echo "== cargo build (the binary schemathesis and the browser tests run)"
 cargo build --locked
+
+# The HTTP API against its own OpenAPI document (a pinned schemathesis in a venv).
+echo "== schemathesis"
+scripts/schemathesis.sh
 
 echo "== browser tests"
 # Every endpoint the pages use exists: a test that skips hides a gap, so it fails the run.

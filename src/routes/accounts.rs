@@ -40,8 +40,14 @@ struct SignupBody {
 struct LoginBody {
     username: String,
     password: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present_string")]
     tenant: Option<String>,
+}
+
+/// An optional field that, when present, is a string: `null` is no tenant
+/// name (422), as `null` is no value of the publish body's optional fields.
+fn present_string<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(value).map(Some)
 }
 
 /// POST /api/v1/auth/signup

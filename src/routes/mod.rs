@@ -5,6 +5,7 @@ mod accounts;
 mod api_keys;
 mod body;
 mod channels;
+mod openapi;
 mod ops;
 mod pages;
 mod publish;
@@ -84,7 +85,10 @@ pub fn all(
         .or(api_keys::api_keys_create(shared.clone()))
         .or(api_keys::api_keys_list(shared.clone()))
         .or(api_keys::api_keys_revoke(shared))
-        .or(pages::pages())
+        .or(openapi::openapi_document())
+        // Nested, not chained: one more link in the chain overflows rustc's
+        // query depth limit when the connection future's layout is computed.
+        .or(pages::pages().or(openapi::method_not_allowed()))
         .recover(crate::error::recover)
         .with(warp::reply::with::header(
             "x-content-type-options",

@@ -254,6 +254,13 @@ pub fn validate(kind: &str, data: &Value) -> Result<(), ApiError> {
             if !non_empty_str("task_id") {
                 return fail("data.task_id must be a non-empty string");
             }
+            // Every task of the view can be read back by its id.
+            if !field("task_id")
+                .and_then(Value::as_str)
+                .is_some_and(super::views::valid_task_id)
+            {
+                return fail("data.task_id must be at most 256 bytes without control characters");
+            }
             if !one_of("status", &["queued", "running", "completed", "failed"]) {
                 return fail("data.status must be one of queued, running, completed, failed");
             }

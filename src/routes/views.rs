@@ -129,8 +129,9 @@ fn limit() -> impl Filter<Extract = (usize,), Error = Rejection> + Clone {
     })
 }
 
-/// The longest task id `GET /api/v1/tasks/:task_id` looks up, in bytes.
-const MAX_TASK_ID: usize = 256;
+/// The longest task id `GET /api/v1/tasks/:task_id` looks up, in bytes; a
+/// `task_update` may set no longer one (`publish::validate`).
+pub(super) const MAX_TASK_ID: usize = 256;
 
 /// A `task_id` path segment: percent-decoded, 1-[`MAX_TASK_ID`] bytes of
 /// printable characters; else 422 (like a bad `userID`).
@@ -143,10 +144,16 @@ fn task_id(segment: &str) -> Result<String, Rejection> {
     let decoded = percent_encoding::percent_decode_str(segment)
         .decode_utf8()
         .map_err(|_| invalid())?;
-    if decoded.is_empty() || decoded.len() > MAX_TASK_ID || decoded.chars().any(char::is_control) {
+    if !valid_task_id(&decoded) {
         return Err(invalid());
     }
     Ok(decoded.into_owned())
+}
+
+/// 1-[`MAX_TASK_ID`] bytes without control characters: the ids the view
+/// stores, and so the ids one can look up.
+pub(super) fn valid_task_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_TASK_ID && !id.chars().any(char::is_control)
 }
 
 fn viewer(claims: &Claims) -> Viewer {

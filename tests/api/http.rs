@@ -71,6 +71,45 @@ async fn wrong_methods_get_a_json_405() {
     }
 }
 
+/// Found by schemathesis (issue 11): a 405 did not say which methods the path
+/// has; RFC 9110 asks for `Allow`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_405_lists_the_allowed_methods() {
+    let app = spawn_app().await;
+    let cases = [
+        (reqwest::Method::DELETE, "/health", "GET"),
+        (reqwest::Method::PUT, "/api/v1/ws/user/alice", "GET, POST"),
+        (reqwest::Method::TRACE, "/api/v1/agents", "GET"),
+        (reqwest::Method::GET, "/api/v1/api-keys/abc", "DELETE"),
+        (reqwest::Method::HEAD, "/api/v1/ws/broadcast", "POST"),
+    ];
+    for (method, path, allow) in cases {
+        let response = app
+            .http
+            .request(method.clone(), app.url(path))
+            .bearer_auth(app.admin_token())
+            .send()
+            .await
+            .expect("request failed");
+        assert_eq!(response.status(), 405, "{method} {path}");
+        let allowed = response.headers().get(reqwest::header::ALLOW);
+        assert_eq!(
+            allowed.and_then(|v| v.to_str().ok()),
+            Some(allow),
+            "{method} {path}"
+        );
+    }
+    // The answer of a path that does not exist is still 404, without `Allow`.
+    let response = app
+        .http
+        .delete(app.url("/api/v1/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(response.headers().get(reqwest::header::ALLOW).is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_get_on_the_websocket_path_gets_426() {
     let app = spawn_app().await;

@@ -31,7 +31,10 @@
 //! - `hardening_http`: issue 8's HTTP and account findings (lockout, signup limit,
 //!   forged alerts, errors on keep-alive connections, loose validation);
 //! - `bench`: the load tool's channel scenarios (issue 10) run against the real
-//!   binary, checked through their `--json` figures.
+//!   binary, checked through their `--json` figures;
+//! - `openapi`: the OpenAPI document (issue 11) against the routes of the source
+//!   and a real server: every route documented, every operation served as
+//!   documented, undocumented methods 405.
 
 mod accounts;
 mod api_keys;
@@ -51,6 +54,7 @@ mod http;
 mod jwks;
 mod limits;
 mod logs;
+mod openapi;
 mod pages;
 mod publish;
 mod redis_server;

@@ -178,3 +178,42 @@ async fn a_task_needs_a_token_and_a_sane_id() {
         .await;
     assert_error(post, 405, "POST").await;
 }
+
+/// Found by schemathesis (issue 11): a `task_update` could set a task id
+/// that `GET /api/v1/tasks/:task_id` refuses (control characters, more than
+/// 256 bytes), so a task of the list could not be read back. Such an id is
+/// now refused at publish (422 naming `data.task_id`), and the longest one a
+/// publish takes is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_task_id_a_publish_accepts_can_be_read_back() {
+    let app = spawn_app().await;
+    let admin = app.admin_token();
+    let too_long = "x".repeat(257);
+    for bad in ["a\u{0}b", "\u{91}\u{5}", "line\nbreak", too_long.as_str()] {
+        let response = app
+            .post_broadcast(
+                &admin,
+                &json!({"type": "task_update", "data": {"task_id": bad, "status": "queued"}}),
+            )
+            .await;
+        let body = assert_error(response, 422, &format!("task_id {bad:?}")).await;
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("data.task_id"), "{message}");
+    }
+    let listed_before = get_view(&app, "/api/v1/tasks", &admin).await;
+    assert_eq!(
+        listed_before["tasks"],
+        json!([]),
+        "nothing refused was kept"
+    );
+
+    let longest = "é".repeat(128); // 256 bytes
+    app.broadcast(
+        "task_update",
+        json!({"task_id": longest, "status": "queued"}),
+    )
+    .await;
+    let encoded: String = longest.bytes().map(|b| format!("%{b:02X}")).collect();
+    let body = get_view(&app, &format!("/api/v1/tasks/{encoded}"), &admin).await;
+    assert_eq!(body["task"]["task_id"], longest.as_str());
+}
