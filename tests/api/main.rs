@@ -28,7 +28,9 @@
 //! - `hardening_http`: issue 8's HTTP and account findings (lockout, signup limit,
 //!   forged alerts, errors on keep-alive connections, loose validation);
 //! - `bench`: the load tool's channel scenarios (issue 10) run against the real
-//!   binary, checked through their `--json` figures.
+//!   binary, checked through their `--json` figures;
+//! - `metrics`: Prometheus names and bounded labels (issue 11), and every metric
+//!   the Grafana dashboard and the alert rules in `deploy/` query exists.
 
 mod accounts;
 mod api_keys;
@@ -47,6 +49,7 @@ mod helpers;
 mod http;
 mod limits;
 mod logs;
+mod metrics;
 mod pages;
 mod publish;
 mod redis_server;
