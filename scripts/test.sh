@@ -28,6 +28,25 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools openssl >/dev/null
 fi
 
+# The alert rules: promtool comes with Debian's prometheus package. Its
+# recommends (node-exporter) are skipped, and a prometheus daemon the package
+# may have started (on a machine with systemd) is stopped and disabled: the
+# tests need the tool, never a running server.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing prometheus (for promtool)"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
+
+echo "== promtool: the alert rules and their unit tests"
+promtool check rules deploy/prometheus/alerts.yml
+promtool test rules deploy/prometheus/alerts.test.yml
+
 echo "== cargo test"
 cargo test --locked --all-targets
 

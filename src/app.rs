@@ -95,11 +95,17 @@ pub async fn serve(
 ) -> Result<(), AppError> {
     let auth = Arc::new(Authenticator::new(&settings)?);
     let store = open_store(&settings).await?;
-    let metrics = Arc::new(Metrics::for_node(Some(&settings.node_id)));
+    let mut metrics = Metrics::for_node(Some(&settings.node_id));
+    let store_handle = store.clone();
+    metrics.register_store_commit_failures(move || store_handle.commit_failures());
     let redis = match &settings.redis {
         Some(redis) => Some(connect_redis(redis, &settings.node_id).await?),
         None => None,
     };
+    if redis.is_some() {
+        metrics.register_redis_up();
+    }
+    let metrics = Arc::new(metrics);
     let engine = match (&redis, settings.log_store) {
         (Some(redis), _) => Engine::Redis(Box::new(RedisLog::new(redis.clone(), metrics.clone()))),
         (None, LogStoreKind::Sqlite) => Engine::Sqlite(store.clone()),

@@ -134,13 +134,17 @@ impl Sink for HubSink {
         let Some(inner) = self.0.upgrade() else {
             return 0;
         };
-        let tenant = Hub { inner }.tenant(&stream.tenant);
+        let hub = Hub { inner };
+        let tenant = hub.tenant(&stream.tenant);
         let mut state = tenant.lock();
         let recipients = match &stream.channel {
             None => state.fan_out(envelope),
             Some(channel) => state.fan_out_channel(channel, envelope),
         };
         state.analytics.message(&envelope.kind, recipients);
+        drop(state);
+        // Once per message, not per connection: one lookup of the type's counter.
+        hub.inner.metrics.delivered(&envelope.kind, recipients);
         recipients
     }
 
@@ -223,7 +227,7 @@ impl Hub {
             .log
             .append(&StreamKey::tenant(tenant), kind, data, target)
             .await?;
-        self.inner.metrics.messages_published.inc();
+        self.inner.metrics.published(kind);
         Ok(receipt)
     }
 
@@ -241,7 +245,7 @@ impl Hub {
             .log
             .append(&key, kind, data, Target::Broadcast)
             .await?;
-        self.inner.metrics.messages_published.inc();
+        self.inner.metrics.published(kind);
         self.inner
             .metrics
             .channel_published(crate::channels::namespace(channel));

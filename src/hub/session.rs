@@ -171,6 +171,7 @@ pub async fn run<S>(
         }),
     );
     if let Some(replay) = snapshot.replay {
+        config.hub.metrics().resumed(false, replay.complete);
         session.replay_summary = Some(wire::control(
             "replay",
             json!({"from": replay.from, "to": replay.to, "count": replay.entries.len(), "complete": replay.complete}),
@@ -575,7 +576,10 @@ impl Session {
                 .retain(|envelope| envelope.channel.as_deref() != Some(&**channel));
         }
         let (from, complete, entries) = match snapshot.replay {
-            Some(replay) => (replay.from, replay.complete, replay.entries),
+            Some(replay) => {
+                hub.metrics().resumed(true, replay.complete);
+                (replay.from, replay.complete, replay.entries)
+            }
             None => (snapshot.head, true, Vec::new()),
         };
         self.replay_summary = Some(wire::control(

@@ -60,7 +60,7 @@ pub fn stats(
                 "messages_published": m.messages_published.get(),
                 "messages_replayed": m.messages_replayed.get(),
                 "slow_consumer_disconnects": m.slow_consumer_disconnects.get(),
-                "auth_failures": m.auth_failures.get(),
+                "auth_failures": m.auth_failures.get() + m.ws_auth_failures.get(),
                 "rate_limited": m.rate_limited.get(),
                 "channels": channels,
                 "subscriptions": subscriptions,
@@ -77,9 +77,10 @@ pub fn metrics(
     warp::path!("metrics")
         .and(warp::get())
         .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("accept"))
         .and(with_shared(shared))
         .and_then(
-            |authorization: Option<String>, shared: Arc<Shared>| async move {
+            |authorization: Option<String>, accept: Option<String>, shared: Arc<Shared>| async move {
                 if let Some(expected) = &shared.metrics_token {
                     let given = bearer(authorization.as_deref()).unwrap_or("");
                     if !crate::auth::constant_time_eq(
@@ -92,14 +93,31 @@ pub fn metrics(
                         )));
                     }
                 }
+                let m = shared.hub.metrics();
                 let (channels, _) = shared.hub.channel_counts();
-                shared.hub.metrics().channels.set(channels as i64);
-                let body = shared.hub.metrics().encode();
+                m.channels.set(channels as i64);
+                m.log_ready.set(i64::from(shared.log.ready()));
+                if let Some(redis) = &shared.redis {
+                    // Bounded by the Redis response timeout.
+                    m.redis_up.set(i64::from(redis.ping().await.is_ok()));
+                }
+                let body = m.encode();
                 Ok::<_, Rejection>(warp::reply::with_header(
                     body,
                     CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    content_type(accept.as_deref()),
                 ))
             },
         )
+}
+
+/// The body is OpenMetrics text (counter families named without `_total`,
+/// `# EOF` last), which Prometheus asks for first; other clients get the
+/// classic text type, whose parsers read the same lines.
+fn content_type(accept: Option<&str>) -> &'static str {
+    if accept.is_some_and(|accept| accept.contains("application/openmetrics-text")) {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    }
 }

@@ -249,7 +249,7 @@ async fn admit(
     let claims = match verdict {
         Ok(claims) => claims,
         Err(e) => {
-            shared.hub.metrics().auth_failures.inc();
+            shared.hub.metrics().ws_auth_failures.inc();
             tracing::debug!(reason = %e, "websocket token refused");
             let reason = if e == AuthError::Expired {
                 "token expired"

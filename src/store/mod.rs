@@ -37,7 +37,7 @@ pub use views::{AgentEntry, TaskEntry, ViewUpdate, Viewer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -336,6 +336,8 @@ struct Inner {
     wal_sync: Option<sync::WalSync>,
     /// `(CHANNEL_HISTORY, CHANNEL_HISTORY_BYTES)`, for loading channel logs.
     channel_bounds: (usize, usize),
+    /// Failed writer transactions, counted by the writer thread.
+    commit_failures: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -370,7 +372,14 @@ impl Store {
 
         let touches = Arc::new(Touches::default());
         let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
-        writer::spawn(conn, write_rx, touches.clone(), &options)?;
+        let commit_failures = Arc::new(AtomicU64::new(0));
+        writer::spawn(
+            conn,
+            write_rx,
+            touches.clone(),
+            commit_failures.clone(),
+            &options,
+        )?;
         Ok(Store {
             inner: Arc::new(Inner {
                 write_tx,
@@ -380,8 +389,15 @@ impl Store {
                 key_cache: Arc::new(KeyCache::default()),
                 wal_sync,
                 channel_bounds: (options.channel_history, options.channel_history_bytes),
+                commit_failures,
             }),
         })
+    }
+
+    /// Transactions of the writer that failed since the start, each refusing
+    /// every write in it (a full disk, an I/O error…).
+    pub fn commit_failures(&self) -> u64 {
+        self.inner.commit_failures.load(Ordering::Relaxed)
     }
 
     /// How many times the WAL syncer fsynced the WAL so far; `None` with

@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -113,9 +114,10 @@ pub(crate) fn spawn(
     conn: Connection,
     requests: mpsc::Receiver<Request>,
     touches: Arc<Touches>,
+    commit_failures: Arc<AtomicU64>,
     options: &StoreOptions,
 ) -> Result<(), StoreError> {
-    let writer = Writer::new(conn, requests, touches, options)?;
+    let writer = Writer::new(conn, requests, touches, commit_failures, options)?;
     std::thread::Builder::new()
         .name("agentcast-store".into())
         .spawn(move || writer.run())?;
@@ -126,6 +128,9 @@ struct Writer {
     conn: Connection,
     requests: mpsc::Receiver<Request>,
     touches: Arc<Touches>,
+    /// Transactions that failed (each refusing every write in it), for
+    /// `agentcast_store_commit_failures_total`.
+    commit_failures: Arc<AtomicU64>,
     /// Committed head per tenant, so an append needs no lookup. Emptied when
     /// a transaction fails (it may have cached rows that were rolled back).
     heads: HashMap<String, u64>,
@@ -159,6 +164,7 @@ impl Writer {
         conn: Connection,
         requests: mpsc::Receiver<Request>,
         touches: Arc<Touches>,
+        commit_failures: Arc<AtomicU64>,
         options: &StoreOptions,
     ) -> Result<Writer, StoreError> {
         // Every log may be over a (possibly lowered) HISTORY_SIZE or
@@ -171,6 +177,7 @@ impl Writer {
             conn,
             requests,
             touches,
+            commit_failures,
             heads: HashMap::new(),
             history_size: u64::try_from(options.history_size).unwrap_or(u64::MAX),
             history_bytes: u64::try_from(options.history_bytes).unwrap_or(u64::MAX),
@@ -251,6 +258,7 @@ impl Writer {
         if let Err(error) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             let error = StoreError::from(error);
             tracing::error!(%error, "store: cannot begin a transaction");
+            self.commit_failures.fetch_add(1, Ordering::Relaxed);
             for request in batch {
                 fail(request, &error);
             }
@@ -349,6 +357,7 @@ impl Writer {
             }
             Err(error) => {
                 tracing::error!(%error, "store: a transaction failed, its writes are refused");
+                self.commit_failures.fetch_add(1, Ordering::Relaxed);
                 self.rollback();
                 self.heads.clear();
                 self.log_bytes.clear();

@@ -35,6 +35,8 @@
 //! - `openapi`: the OpenAPI document (issue 11) against the routes of the source
 //!   and a real server: every route documented, every operation served as
 //!   documented, undocumented methods 405.
+//! - `metrics`: Prometheus names and bounded labels (issue 11), and every metric
+//!   the Grafana dashboard and the alert rules in `deploy/` query exists.
 
 mod accounts;
 mod api_keys;
@@ -54,6 +56,7 @@ mod http;
 mod jwks;
 mod limits;
 mod logs;
+mod metrics;
 mod openapi;
 mod pages;
 mod publish;
