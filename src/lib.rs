@@ -12,8 +12,11 @@
 //! - [`app`]: binds the listener, builds the server, runs it, drains it.
 //! - [`routes`]: warp filters, one per endpoint; [`error`] maps every failure to
 //!   the JSON error body. `routes::pages` serves the pages of `static/`, embedded
-//!   in the binary.
-//! - [`auth`]: token claims, pinned algorithms, publisher checks (JWT or API key).
+//!   in the binary; `routes::openapi` serves the OpenAPI document of every
+//!   endpoint (`src/routes/openapi.json`, kept honest by `tests/api/openapi.rs`).
+//! - [`auth`]: token claims, pinned algorithms, publisher checks (JWT or API key);
+//!   `auth::jwks` caches an identity provider's keys (`JWT_JWKS_URL`) and
+//!   `auth::mapping` reads its role and tenant claims.
 //! - [`accounts`]: the bootstrap admin, signup, login and its failed-login limiter.
 //! - [`directory`]: accounts and API keys, in the SQLite store or, in cluster
 //!   mode, in the shared Redis.
@@ -24,7 +27,9 @@
 //!   commit, `epoch`, history and the resume rule, the message types
 //!   ([`log::Envelope`], [`log::Target`]) and [`log::LogError`] — over an
 //!   [`log::Engine`] (memory or SQLite).
-//! - [`metrics`]: counters and histograms behind `/api/v1/ws/stats` and `/metrics`.
+//! - [`metrics`]: counters and histograms behind `/api/v1/ws/stats` and `/metrics`
+//!   (Prometheus names, labels bounded; `deploy/` holds a Grafana dashboard and
+//!   alert rules over them).
 //! - [`shutdown`]: signals, cancellation and the tracking of live sessions.
 //! - [`store`]: the SQLite file — durable tenant logs (one writer thread, group
 //!   commit), the views of SPEC §5, accounts, API keys.
