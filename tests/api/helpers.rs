@@ -447,15 +447,20 @@ pub async fn accepted(response: reqwest::Response) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("202 body is not JSON ({e}): {text}"))
 }
 
-/// Asserts the status and the SPEC §3 error body `{"error":{"code","message"}}`; returns the body.
-pub async fn assert_error(response: reqwest::Response, status: u16, context: &str) -> Value {
-    let actual = response.status().as_u16();
-    let content_type = response
+/// The response's `Content-Type` ("" when absent or not text).
+pub fn content_type(response: &reqwest::Response) -> String {
+    response
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-        .to_owned();
+        .to_owned()
+}
+
+/// Asserts the status and the SPEC §3 error body `{"error":{"code","message"}}`; returns the body.
+pub async fn assert_error(response: reqwest::Response, status: u16, context: &str) -> Value {
+    let actual = response.status().as_u16();
+    let content_type = content_type(&response);
     let text = response.text().await.unwrap_or_default();
     assert_eq!(
         actual, status,

@@ -3,7 +3,9 @@
 use agentcast::config::Secret;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_error, spawn_app, spawn_app_with, wait_until, TestApp, WAIT};
+use crate::helpers::{
+    assert_error, content_type, spawn_app, spawn_app_with, wait_until, TestApp, WAIT,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_ok_with_version_and_uptime() {
@@ -207,10 +209,7 @@ async fn metrics_are_prometheus_text_with_latency_histograms() {
     let response = app.get("/metrics").await;
 
     assert_eq!(response.status(), 200);
-    let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let content_type = content_type(&response);
     assert!(
         content_type.starts_with("text/plain")
             || content_type.starts_with("application/openmetrics-text"),

@@ -23,7 +23,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::accounts::{login_ok, spawn_with_admin, ADMIN_PASSWORD};
-use crate::helpers::{assert_error, spawn_app, TestApp};
+use crate::helpers::{assert_error, content_type, spawn_app, TestApp};
 
 /// The methods an operation of the document may have.
 const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -253,10 +253,7 @@ async fn the_document_is_served_as_the_file_and_is_openapi_3_1() {
     let app = spawn_app().await;
     let response = app.get("/api/v1/openapi.json").await;
     assert_eq!(response.status(), 200);
-    let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let content_type = content_type(&response);
     assert_eq!(content_type, "application/json");
     let served = response.bytes().await.unwrap();
     assert!(
@@ -665,12 +662,7 @@ async fn every_documented_operation_answers_as_documented() {
         }
         let response = request.send().await.expect("request failed");
         let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let content_type = content_type(&response);
         let text = response.text().await.unwrap_or_default();
         assert_eq!(
             status,
@@ -757,10 +749,7 @@ async fn the_pages_the_document_leaves_out_are_pages() {
         assert!(is_page_path(path));
         let response = app.get(path).await;
         assert_eq!(response.status(), 200, "GET {path}");
-        let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let content_type = content_type(&response);
         assert!(
             content_type.starts_with(media),
             "GET {path}: {content_type}"
