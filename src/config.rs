@@ -200,6 +200,9 @@ pub struct JwksSettings {
     /// How long a start retries an unreachable provider before going on
     /// with no keys ([`JWKS_START_WAIT`]; tests shorten it).
     pub start_wait: Duration,
+    /// Longest wait to connect to the provider, and for a whole fetch
+    /// ([`JWKS_FETCH_TIMEOUT`]; tests shorten it).
+    pub fetch_timeout: Duration,
 }
 
 /// At most one fetch of the key set per this time for unknown `kid`s, so
@@ -207,6 +210,9 @@ pub struct JwksSettings {
 pub const JWKS_MIN_REFRESH_GAP: Duration = Duration::from_secs(10);
 /// How long a start retries the provider's key set before it goes on without.
 pub const JWKS_START_WAIT: Duration = Duration::from_secs(10);
+/// Longest fetch of the key set: a provider that hangs costs a token naming a
+/// new `kid` at most this long (then 401), and the cached keys meanwhile nothing.
+pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl JwksSettings {
     /// `url` checked by [`jwks_url`], the given refresh period, the fixed
@@ -217,6 +223,7 @@ impl JwksSettings {
             refresh,
             min_refresh_gap: JWKS_MIN_REFRESH_GAP,
             start_wait: JWKS_START_WAIT,
+            fetch_timeout: JWKS_FETCH_TIMEOUT,
         })
     }
 }
@@ -734,6 +741,7 @@ mod tests {
             refresh: Duration::from_secs(300),
             min_refresh_gap: JWKS_MIN_REFRESH_GAP,
             start_wait: JWKS_START_WAIT,
+            fetch_timeout: JWKS_FETCH_TIMEOUT,
         });
         settings.jwt_issuer = Some("https://idp.example".into());
         settings.jwt_audience = Some("agentcast".into());

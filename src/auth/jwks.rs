@@ -9,7 +9,7 @@
 //! `verify`, another type, curve or algorithm, or no `kid` are skipped, and
 //! named (by `kid`) in a warning the first time a set skips them.
 //!
-//! Fetches are bounded (5 s to connect, 5 s in all, 1 MiB, 100 keys) and
+//! Fetches are bounded (5 s in all, `JWKS_FETCH_TIMEOUT`; 1 MiB, 100 keys) and
 //! single-flight: the timer and every token waiting for an unknown `kid` share
 //! one fetch, which runs in a task of its own, so a caller that goes away
 //! does not cancel it. Fetches for unknown `kid`s happen at most once per
@@ -32,9 +32,6 @@ use tokio::time::Instant;
 use super::VerifyingKey;
 use crate::config::JwksSettings;
 
-/// Longest wait to connect to the provider, and for a whole fetch.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest key set body read.
 const MAX_BODY: usize = 1 << 20;
 /// Most keys kept from one set; the rest are skipped.
@@ -106,8 +103,8 @@ impl Jwks {
     /// A handle with an empty cache; [`Jwks::load_at_start`] fills it.
     pub fn new(settings: &JwksSettings) -> Result<Jwks, reqwest::Error> {
         let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(FETCH_TIMEOUT)
+            .connect_timeout(settings.fetch_timeout)
+            .timeout(settings.fetch_timeout)
             // A redirect could lead to plain http: the URL is the one used.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("agentcast/", env!("CARGO_PKG_VERSION")))
@@ -193,7 +190,7 @@ impl Jwks {
     pub async fn refresh_for_unknown_kid(&self) {
         if let Some(mut done) = self.start_fetch(true) {
             // The fetch bounds itself; this only guards against a lost task.
-            let _ = tokio::time::timeout(FETCH_TIMEOUT * 2, done.changed()).await;
+            let _ = tokio::time::timeout(self.0.settings.fetch_timeout * 2, done.changed()).await;
         }
     }
 

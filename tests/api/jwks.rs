@@ -147,6 +147,8 @@ enum Answer {
     Keys(Vec<Value>),
     Status(u16),
     Body(&'static str),
+    /// Takes the request and never answers.
+    Hang,
 }
 
 /// A JWKS endpoint on 127.0.0.1:0 the test controls.
@@ -247,17 +249,24 @@ async fn serve(
         let service = hyper::service::service_fn(move |_request| {
             requests.fetch_add(1, Ordering::SeqCst);
             let answer = answer.lock().unwrap().clone();
-            let (status, body) = match answer {
+            let (status, body) = match &answer {
                 Answer::Keys(keys) => (200, json!({ "keys": keys }).to_string()),
-                Answer::Status(status) => (status, "{}".to_owned()),
-                Answer::Body(body) => (200, body.to_owned()),
+                Answer::Status(status) => (*status, "{}".to_owned()),
+                Answer::Body(body) => (200, (*body).to_owned()),
+                Answer::Hang => (200, String::new()),
             };
             let response = hyper::Response::builder()
                 .status(status)
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from(body)))
                 .unwrap();
-            async move { Ok::<_, Infallible>(response) }
+            let hang = matches!(answer, Answer::Hang);
+            async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         connections.spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
@@ -509,6 +518,72 @@ async fn an_outage_of_the_provider_keeps_the_cached_keys() {
 /// A start with the provider down (500s) waits a bounded time, then serves:
 /// `/health` is up, our own tokens work, external ones are refused until the
 /// provider answers, and the first token with a `kid` after that fetches it.
+/// A provider that takes the request and never answers: a token naming a new
+/// `kid` waits for the fetch's timeout and is refused, tokens of cached keys
+/// are decided meanwhile without waiting, and once the provider answers again
+/// the new key is fetched and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_hangs_costs_only_tokens_with_a_new_kid_a_bounded_wait() {
+    let keys = keys();
+    let provider = Provider::start(vec![keys.rsa[0].jwk("rsa-1")]).await;
+    let app = spawn_with_jwks(&provider, |s| {
+        jwks(s).fetch_timeout = Duration::from_secs(2);
+        jwks(s).min_refresh_gap = Duration::ZERO;
+    })
+    .await;
+    let known = keys.rsa[0].sign(Some("rsa-1"), &admin("ext-admin"));
+    let new = keys.rsa[1].sign(Some("rsa-2"), &admin("ext-admin"));
+    provider.wait_for_requests(1).await;
+
+    provider.answer(Answer::Hang);
+    let waiting = {
+        let (url, client, new) = (
+            app.url("/api/v1/ws/broadcast"),
+            app.http.clone(),
+            new.clone(),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(new)
+                .json(&notification("new kid"))
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        })
+    };
+    // The fetch for rsa-2 reached the provider, which holds it.
+    provider.wait_for_requests(2).await;
+    assert_eq!(
+        status_of_broadcast(&app, &known).await,
+        202,
+        "a cached key is used while a fetch hangs"
+    );
+    let (_socket, connected) = app.connect_ready(&known).await;
+    assert_eq!(connected["user_id"], "ext-admin");
+    let status = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the hung fetch ends with its timeout")
+        .expect("the request task");
+    assert_eq!(
+        status, 401,
+        "a kid still unknown after the fetch is refused"
+    );
+
+    provider.answer(Answer::Keys(vec![
+        keys.rsa[0].jwk("rsa-1"),
+        keys.rsa[1].jwk("rsa-2"),
+    ]));
+    let recovered = wait_until(WAIT, async || status_of_broadcast(&app, &new).await == 202).await;
+    assert!(
+        recovered,
+        "the new key works once the provider answers again"
+    );
+    assert_eq!(status_of_broadcast(&app, &known).await, 202);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_with_the_provider_down_serves_and_loads_the_keys_later() {
     let keys = keys();
