@@ -614,13 +614,16 @@ async fn a_start_with_the_provider_down_serves_and_loads_the_keys_later() {
 async fn a_start_with_the_provider_unreachable_is_bounded() {
     let mut provider = Provider::start(vec![]).await;
     provider.stop().await;
-    let started = std::time::Instant::now();
-    let app = spawn_with_jwks(&provider, |s| {
-        jwks(s).start_wait = Duration::from_millis(300);
-    })
-    .await;
+    // The start gives up on the provider after `start_wait` and serves.
+    let app = tokio::time::timeout(
+        WAIT,
+        spawn_with_jwks(&provider, |s| {
+            jwks(s).start_wait = Duration::from_millis(300);
+        }),
+    )
+    .await
+    .expect("the server starts without the provider's keys");
     assert_eq!(app.get("/health").await.status(), 200);
-    assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
     let external = keys().rsa[0].sign(Some("k1"), &admin("ext-admin"));
     assert_eq!(status_of_broadcast(&app, &external).await, 401);
 }
