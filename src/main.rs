@@ -197,11 +197,18 @@ fn reset_password(args: ResetPasswordArgs) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // tungstenite traces every frame with its payload, and a client's
-        // `refresh` frame carries a token: no level may show it (SPEC §1).
-        .add_directive("tungstenite=debug".parse().expect("a valid directive"));
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // tungstenite traces every frame with its payload, and a client's
+    // `refresh` frame carries a token: no level may show it (SPEC §1). The
+    // cap is added only where trace is on: a `tungstenite=debug` directive
+    // under `info` would turn tungstenite's debug lines on (two per close).
+    let trace_on = filter
+        .max_level_hint()
+        .is_none_or(|level| level > tracing_subscriber::filter::LevelFilter::DEBUG);
+    if trace_on {
+        filter = filter.add_directive("tungstenite=debug".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);

@@ -441,6 +441,33 @@ async fn no_token_appears_in_the_trace_log_even_from_queries_that_do_not_parse()
     assert!(since_answer.contains("connected"), "{since_answer}");
 }
 
+/// At the default level, a library's debug lines stay off: the cap that
+/// keeps tungstenite's frame traces out of a trace log once turned its debug
+/// lines on at `info` (two per WebSocket close, every connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_info_log_holds_no_debug_line_of_a_library_after_websocket_closes() {
+    let dir = DataDir::new();
+    let secret = "JwtSecretValue0123456789abcdefXYZ";
+    let server = Binary::start(&dir.0, &[("JWT_SECRET", secret), ("RUST_LOG", "info")]);
+    let claims = crate::helpers::claims("alice", agentcast::auth::Role::User, "default", 600);
+    let token = crate::helpers::sign(jsonwebtoken::Algorithm::HS256, secret, &claims);
+    for _ in 0..3 {
+        let request = server
+            .ws_url(&format!("?token={token}"))
+            .into_client_request()
+            .unwrap();
+        let mut client = WsClient::open(request).await;
+        client.connected().await;
+        client.close().await;
+    }
+    let output = server.stop();
+    assert!(output.contains(" INFO "), "info logging was on:\n{output}");
+    assert!(
+        !output.contains("DEBUG") && !output.contains("close frame"),
+        "debug lines at RUST_LOG=info:\n{output}"
+    );
+}
+
 /// `rediss://` end to end: a TLS-only `redis-server` with a password and a
 /// certificate of a CA made here (trusted through `SSL_CERT_FILE`, which the
 /// system CA loading honours); the node connects, reports `redis: ok`,
