@@ -131,7 +131,7 @@ fn limit() -> impl Filter<Extract = (usize,), Error = Rejection> + Clone {
 
 /// The longest task id `GET /api/v1/tasks/:task_id` looks up, in bytes; a
 /// `task_update` may set no longer one (`publish::validate`).
-pub(super) const MAX_TASK_ID: usize = 256;
+const MAX_TASK_ID: usize = 256;
 
 /// A `task_id` path segment: percent-decoded, 1-[`MAX_TASK_ID`] bytes of
 /// printable characters; else 422 (like a bad `userID`).
