@@ -239,19 +239,35 @@ it('a missing pong is a dead link: the page reconnects and resumes', async () =>
   await browser.login(admin, '/tasks.html');
   await indicator(page, /^Connected$/);
   const before = await page.evaluate(() => window.Agentcast.page.client.connection.connection_id);
-  // Swallow the pings (as a dead NAT would), with short timers for the test.
+  // Swallow every ping on this socket (as a dead NAT would), with short timers
+  // for the test. Each state change and each indicator text is recorded, as the
+  // reconnect may take less than a polling interval (its jittered delay is
+  // anywhere in [0, 1 s]).
   await page.evaluate(() => {
     const client = window.Agentcast.page.client;
+    const dead = client.socket;
     const send = client.send;
+    window.seenStates = [];
+    window.seenTexts = [];
+    client.on('@state', (state) => window.seenStates.push(state));
+    new MutationObserver(() => {
+      window.seenTexts.push(document.getElementById('ws-status-text').textContent);
+    }).observe(document.getElementById('ws-status-text'), { childList: true, characterData: true, subtree: true });
     client.options.pongTimeoutMs = 300;
     client.send = function (frame) {
-      if (frame.type === 'ping') { client.send = send; return true; }
+      if (frame.type === 'ping' && client.socket === dead) return true;
       return send.call(client, frame);
     };
     client.heartbeatMs = 100;
     client.schedulePing();
   });
-  await indicator(page, /^Reconnecting/);
+  await page.waitForFunction(() => {
+    const states = window.seenStates;
+    const reconnecting = states.indexOf('reconnecting');
+    return reconnecting >= 0 && states.indexOf('connected', reconnecting) > reconnecting;
+  }, null, { timeout: WAIT_MS });
+  const texts = await page.evaluate(() => window.seenTexts);
+  assert.ok(texts.some((text) => /^Reconnecting/.test(text)), 'the indicator said Reconnecting: ' + JSON.stringify(texts));
   await indicator(page, /^Connected$/);
   const after = await page.evaluate(() => window.Agentcast.page.client.connection.connection_id);
   assert.notEqual(after, before, 'a new connection');
