@@ -432,6 +432,48 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
+
+    /// The same in the classic Prometheus text format (0.0.4), for clients
+    /// that do not ask for OpenMetrics: see [`classic_text`].
+    pub fn encode_classic(&self) -> String {
+        classic_text(&self.encode())
+    }
+}
+
+/// Rewrites an OpenMetrics exposition in the classic text format. The sample
+/// lines are the same; the metadata differs: a classic counter family is named
+/// like its samples (`…_total`) where OpenMetrics names it without the suffix,
+/// and the classic format has no `# UNIT` line and no `# EOF`. Without this,
+/// `promtool check metrics` reports "no help text" for every counter.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let metadata = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match metadata {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                text.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
 }
 
 fn resume_labels(stream: &str, complete: bool) -> Labels {
@@ -530,6 +572,37 @@ mod tests {
             !text.contains("agentcast_redis_up"),
             "redis_up is for cluster mode only"
         );
+    }
+
+    #[test]
+    fn the_classic_format_names_counter_families_like_their_samples() {
+        let m = Metrics::for_node(Some("n1"));
+        m.published("task_update");
+        let text = m.encode_classic();
+        assert!(
+            text.contains("# TYPE agentcast_messages_published_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP agentcast_messages_published_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE agentcast_connections_open gauge\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT "),
+            "{text}"
+        );
+        // The samples are untouched.
+        let samples = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&m.encode()));
     }
 
     #[test]

@@ -101,23 +101,15 @@ pub fn metrics(
                     // Bounded by the Redis response timeout.
                     m.redis_up.set(i64::from(redis.ping().await.is_ok()));
                 }
-                let body = m.encode();
-                Ok::<_, Rejection>(warp::reply::with_header(
-                    body,
-                    CONTENT_TYPE,
-                    content_type(accept.as_deref()),
-                ))
+                let openmetrics = accept
+                    .as_deref()
+                    .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+                let (body, content_type) = if openmetrics {
+                    (m.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                } else {
+                    (m.encode_classic(), "text/plain; version=0.0.4; charset=utf-8")
+                };
+                Ok::<_, Rejection>(warp::reply::with_header(body, CONTENT_TYPE, content_type))
             },
         )
-}
-
-/// The body is OpenMetrics text (counter families named without `_total`,
-/// `# EOF` last), which Prometheus asks for first; other clients get the
-/// classic text type, whose parsers read the same lines.
-fn content_type(accept: Option<&str>) -> &'static str {
-    if accept.is_some_and(|accept| accept.contains("application/openmetrics-text")) {
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
-    } else {
-        "text/plain; version=0.0.4; charset=utf-8"
-    }
 }

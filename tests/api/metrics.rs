@@ -9,16 +9,37 @@ use agentcast::metrics::{CUSTOM_LABELS, KNOWN_TYPES};
 use serde_json::{json, Value};
 
 use crate::channels::{publish, subscribe};
-use crate::helpers::{spawn_app, wait_until, TestApp, WAIT};
+use crate::helpers::{content_type, spawn_app, wait_until, TestApp, WAIT};
 use crate::redis_server::{spawn_node, RedisServer};
 
 const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/agentcast.json");
 const ALERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
 
-/// The text of `/metrics`.
+/// The text of `/metrics`, in the classic text format (no `Accept`).
 async fn scrape(app: &TestApp) -> String {
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200, "GET /metrics");
+    response.text().await.expect("metrics body")
+}
+
+/// The text of `/metrics` in OpenMetrics, asked for as Prometheus does.
+async fn scrape_openmetrics(app: &TestApp) -> String {
+    let response = app
+        .http
+        .get(app.url("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(response.status(), 200, "GET /metrics");
+    let content_type = content_type(&response);
+    assert!(
+        content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{content_type}"
+    );
     response.text().await.expect("metrics body")
 }
 
@@ -196,7 +217,8 @@ async fn the_dashboard_is_grafana_json_with_node_and_datasource_variables() {
 async fn metric_names_follow_the_prometheus_conventions() {
     let app = spawn_app().await;
     traffic(&app).await;
-    let text = scrape(&app).await;
+    let text = scrape_openmetrics(&app).await;
+    assert!(text.ends_with("# EOF\n"), "{text}");
     let families = families(&text);
     assert!(families.len() >= 20, "{families:?}");
     // Labels: the node, the bounded ones, the histogram buckets; never an id.
@@ -293,6 +315,59 @@ async fn metric_names_follow_the_prometheus_conventions() {
     ] {
         assert!(!text.contains(renamed), "{renamed} was renamed:\n{text}");
     }
+}
+
+/// What `promtool check metrics` requires of the classic format: each
+/// sample's family (a counter's or gauge's own name, a histogram's name
+/// without `_bucket`, `_sum`, `_count`) has one HELP and one TYPE line, before
+/// its samples. Before, the counters' were named as in OpenMetrics (without
+/// `_total`), and promtool reported "no help text" for every counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classic_text_format_gives_every_sample_its_help_and_type() {
+    let app = spawn_app().await;
+    traffic(&app).await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let content_type = content_type(&response);
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    let text = response.text().await.expect("metrics body");
+    assert!(
+        !text.contains("# EOF") && !text.contains("# UNIT "),
+        "{text}"
+    );
+
+    let mut help: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut kinds: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut counters = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, _) = rest.split_once(' ').expect("# HELP name text");
+            *help.entry(name).or_default() += 1;
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+            assert!(kinds.insert(name, kind).is_none(), "{name} typed twice");
+        } else if !line.trim().is_empty() {
+            let name = line.split(['{', ' ']).next().expect("a sample name");
+            let family = match kinds.iter().find(|(family, kind)| {
+                **kind == "histogram"
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(**family))
+            }) {
+                Some((family, _)) => *family,
+                None => name,
+            };
+            let kind = kinds
+                .get(family)
+                .unwrap_or_else(|| panic!("{name}: no # TYPE {family} before it\n{text}"));
+            assert_eq!(help.get(family), Some(&1), "{name}: one # HELP {family}");
+            if *kind == "counter" {
+                assert!(family.ends_with("_total"), "{family}");
+                counters += 1;
+            }
+        }
+    }
+    assert!(counters >= 10, "{counters} counter samples:\n{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
