@@ -373,6 +373,7 @@ async fn open_store(settings: &Settings) -> Result<Store, AppError> {
             StoreSync::Normal => Durability::Normal,
         },
         wal_sync_interval: settings.store_sync_interval,
+        ..StoreOptions::default()
     };
     tokio::task::spawn_blocking(move || Store::open_with(&data_dir, options))
         .await

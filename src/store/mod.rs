@@ -27,6 +27,7 @@
 
 mod accounts;
 mod api_keys;
+mod checkpoint;
 mod logs;
 mod schema;
 mod sync;
@@ -179,6 +180,9 @@ pub struct StoreOptions {
     pub durability: Durability,
     /// How often [`Durability::Normal`] fsyncs the WAL (`STORE_SYNC_INTERVAL`).
     pub wal_sync_interval: Duration,
+    /// The WAL's bound, in pages: past it the writer checkpoints by itself
+    /// (see `checkpoint.rs`). Not a setting; tests lower it.
+    pub wal_bound_pages: u32,
 }
 
 impl Default for StoreOptions {
@@ -190,6 +194,7 @@ impl Default for StoreOptions {
             channel_history_bytes: ChannelSettings::default().history_bytes,
             durability: Durability::Normal,
             wal_sync_interval: Duration::from_secs(1),
+            wal_bound_pages: checkpoint::WAL_BOUND_PAGES,
         }
     }
 }
@@ -334,6 +339,8 @@ struct Inner {
     key_cache: Arc<KeyCache>,
     /// The WAL's periodic fsync ([`Durability::Normal`] only); stops with the last handle.
     wal_sync: Option<sync::WalSync>,
+    /// The WAL's checkpoints beside the writer; stops with the last handle.
+    checkpointer: checkpoint::Checkpointer,
     /// `(CHANNEL_HISTORY, CHANNEL_HISTORY_BYTES)`, for loading channel logs.
     channel_bounds: (usize, usize),
     /// Failed writer transactions, counted by the writer thread.
@@ -354,7 +361,7 @@ impl Store {
         let path = data_dir.join(FILE_NAME);
         let mut conn = Connection::open(&path)?;
         restrict_permissions(&path)?;
-        schema::configure_writer(&conn, options.durability)?;
+        schema::configure_writer(&conn, options.durability, options.wal_bound_pages)?;
         schema::migrate(&mut conn)?;
 
         let wal_sync = match options.durability {
@@ -365,6 +372,7 @@ impl Store {
                 Some(sync::WalSync::spawn(wal.into(), options.wal_sync_interval)?)
             }
         };
+        let checkpointer = checkpoint::Checkpointer::spawn(path.clone(), options.durability)?;
         let reads = Arc::new(ReadPool::new(path));
         // Open one reader now, so a broken file fails the start, not a request.
         let reader = reads.checkout()?;
@@ -388,6 +396,7 @@ impl Store {
                 touches,
                 key_cache: Arc::new(KeyCache::default()),
                 wal_sync,
+                checkpointer,
                 channel_bounds: (options.channel_history, options.channel_history_bytes),
                 commit_failures,
             }),
@@ -398,6 +407,11 @@ impl Store {
     /// every write in it (a full disk, an I/O error…).
     pub fn commit_failures(&self) -> u64 {
         self.inner.commit_failures.load(Ordering::Relaxed)
+    }
+
+    /// Checkpoints of the checkpointer thread that copied pages so far.
+    pub fn background_checkpoints(&self) -> u64 {
+        self.inner.checkpointer.copies()
     }
 
     /// How many times the WAL syncer fsynced the WAL so far; `None` with

@@ -134,6 +134,7 @@ pub(crate) const VERSION: u32 = MIGRATIONS.len() as u32;
 pub(crate) fn configure_writer(
     conn: &Connection,
     durability: Durability,
+    wal_bound_pages: u32,
 ) -> Result<(), StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
@@ -163,6 +164,9 @@ pub(crate) fn configure_writer(
          PRAGMA cache_size = -8192;
          PRAGMA temp_store = MEMORY;",
     )?;
+    // Checkpoints run on a thread of their own (`checkpoint.rs`); the
+    // writer's automatic one only bounds the WAL.
+    conn.pragma_update(None, "wal_autocheckpoint", wal_bound_pages)?;
     Ok(())
 }
 

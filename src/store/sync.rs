@@ -1,8 +1,9 @@
 //! The WAL syncer of `STORE_SYNC=normal` ([`super::Durability::Normal`]).
 //!
 //! With `synchronous = NORMAL` SQLite writes every commit into the WAL but
-//! fsyncs the WAL only when a checkpoint runs (about every 1000 pages), so
-//! how much a power cut could take back would depend on the traffic. This
+//! fsyncs the WAL only when a checkpoint runs (`checkpoint.rs`: while the
+//! WAL grows, and not while it does not), so how much a power cut could take
+//! back would depend on the traffic. This
 //! thread bounds it by time: every `interval` it fsyncs the `-wal` file
 //! itself (`fdatasync` of the same inode SQLite writes through; a commit's
 //! frames are written before its `COMMIT` returns, so every commit
