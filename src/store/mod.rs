@@ -339,8 +339,9 @@ struct Inner {
     key_cache: Arc<KeyCache>,
     /// The WAL's periodic fsync ([`Durability::Normal`] only); stops with the last handle.
     wal_sync: Option<sync::WalSync>,
-    /// The WAL's checkpoints beside the writer; stops with the last handle.
-    checkpointer: checkpoint::Checkpointer,
+    /// Checkpoints of the checkpointer thread (which the writer owns) that
+    /// copied pages.
+    background_checkpoints: Arc<AtomicU64>,
     /// `(CHANNEL_HISTORY, CHANNEL_HISTORY_BYTES)`, for loading channel logs.
     channel_bounds: (usize, usize),
     /// Failed writer transactions, counted by the writer thread.
@@ -373,6 +374,7 @@ impl Store {
             }
         };
         let checkpointer = checkpoint::Checkpointer::spawn(path.clone(), options.durability)?;
+        let background_checkpoints = checkpointer.copies();
         let reads = Arc::new(ReadPool::new(path));
         // Open one reader now, so a broken file fails the start, not a request.
         let reader = reads.checkout()?;
@@ -383,6 +385,7 @@ impl Store {
         let commit_failures = Arc::new(AtomicU64::new(0));
         writer::spawn(
             conn,
+            checkpointer,
             write_rx,
             touches.clone(),
             commit_failures.clone(),
@@ -396,7 +399,7 @@ impl Store {
                 touches,
                 key_cache: Arc::new(KeyCache::default()),
                 wal_sync,
-                checkpointer,
+                background_checkpoints,
                 channel_bounds: (options.channel_history, options.channel_history_bytes),
                 commit_failures,
             }),
@@ -411,7 +414,7 @@ impl Store {
 
     /// Checkpoints of the checkpointer thread that copied pages so far.
     pub fn background_checkpoints(&self) -> u64 {
-        self.inner.checkpointer.copies()
+        self.inner.background_checkpoints.load(Ordering::Relaxed)
     }
 
     /// How many times the WAL syncer fsynced the WAL so far; `None` with

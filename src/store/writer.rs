@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpoint::Checkpointer;
 use super::{lock, StoreError, StoreOptions, StoredMessage, Touches};
 
 /// Requests per transaction. Bounds the latency a batch adds to the first
@@ -112,12 +113,14 @@ impl Job {
 /// every [`super::Store`] handle is dropped (then it commits what is queued).
 pub(crate) fn spawn(
     conn: Connection,
+    checkpointer: Checkpointer,
     requests: mpsc::Receiver<Request>,
     touches: Arc<Touches>,
     commit_failures: Arc<AtomicU64>,
     options: &StoreOptions,
 ) -> Result<(), StoreError> {
-    let writer = Writer::new(conn, requests, touches, commit_failures, options)?;
+    let mut writer = Writer::new(conn, requests, touches, commit_failures, options)?;
+    writer.checkpointer = Some(checkpointer);
     std::thread::Builder::new()
         .name("agentcast-store".into())
         .spawn(move || writer.run())?;
@@ -126,6 +129,8 @@ pub(crate) fn spawn(
 
 struct Writer {
     conn: Connection,
+    /// Stopped before the final checkpoint (see [`Writer::finish`]).
+    checkpointer: Option<Checkpointer>,
     requests: mpsc::Receiver<Request>,
     touches: Arc<Touches>,
     /// Transactions that failed (each refusing every write in it), for
@@ -175,6 +180,7 @@ impl Writer {
             .collect::<Result<HashSet<_>, _>>()?;
         Ok(Writer {
             conn,
+            checkpointer: None,
             requests,
             touches,
             commit_failures,
@@ -237,6 +243,9 @@ impl Writer {
         self.requests.close();
         while self.requests.try_recv().is_ok() {}
         self.commit(Vec::new());
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.stop();
+        }
         if let Err(error) = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
