@@ -445,7 +445,7 @@ impl Metrics {
 /// like its samples (`…_total`) where OpenMetrics names it without the suffix,
 /// and the classic format has no `# UNIT` line and no `# EOF`. Without this,
 /// `promtool check metrics` reports "no help text" for every counter.
-pub fn classic_text(openmetrics: &str) -> String {
+fn classic_text(openmetrics: &str) -> String {
     let counters: std::collections::HashSet<&str> = openmetrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))

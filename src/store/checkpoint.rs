@@ -179,11 +179,25 @@ mod tests {
         }
     }
 
-    async fn append(store: &Store, seq: u64) {
-        store
-            .append(message(seq), Box::new(|| {}))
-            .await
-            .expect("append");
+    /// Appends 200 at a time until the checkpointer has copied pages (so it
+    /// is busy); the last `seq` appended.
+    async fn append_until_checkpointed(store: &Store) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seq = 0;
+        while store.background_checkpoints() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint after {seq} appends"
+            );
+            let appends: Vec<_> = (seq + 1..=seq + 200)
+                .map(|seq| store.append(message(seq), Box::new(|| {})))
+                .collect();
+            seq += 200;
+            for result in futures_util::future::join_all(appends).await {
+                result.expect("append");
+            }
+        }
+        seq
     }
 
     fn wal_bytes(dir: &TempDir) -> u64 {
@@ -195,16 +209,7 @@ mod tests {
         let dir = TempDir::new();
         let store = Store::open(dir.path()).unwrap();
         store.ensure_log("acme").await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seq = 0;
-        while store.background_checkpoints() == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "no checkpoint after {seq} appends"
-            );
-            seq += 1;
-            append(&store, seq).await;
-        }
+        let seq = append_until_checkpointed(&store).await;
         store.close().await;
         let reopened = Store::open(dir.path()).unwrap();
         let logs = reopened.load_logs(10, 1 << 20).unwrap();
@@ -222,18 +227,7 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             store.ensure_log("acme").await.unwrap();
             // Write until the checkpointer is busy, then stop in the middle.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let mut seq = 0;
-            while store.background_checkpoints() == 0 {
-                assert!(Instant::now() < deadline, "round {round}: no checkpoint");
-                let appends: Vec<_> = (seq + 1..=seq + 200)
-                    .map(|seq| store.append(message(seq), Box::new(|| {})))
-                    .collect();
-                seq += 200;
-                for result in futures_util::future::join_all(appends).await {
-                    result.expect("append");
-                }
-            }
+            let seq = append_until_checkpointed(&store).await;
             let last: Vec<_> = (seq + 1..=seq + 2000)
                 .map(|seq| store.append(message(seq), Box::new(|| {})))
                 .collect();
